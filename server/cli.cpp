@@ -1,0 +1,206 @@
+#include "server/cli.hpp"
+
+#include <getopt.h>
+
+#include <charconv>
+#include <optional>
+
+namespace imagenbd::server {
+
+namespace {
+
+enum LongOnly : int {
+  opt_threads = 1000,
+  opt_pid_file,
+  opt_handshake_timeout,
+  opt_debug,
+  opt_blocking_threads,
+};
+
+const option long_options[] = {
+    {"port", required_argument, nullptr, 'p'},
+    {"bind", required_argument, nullptr, 'b'},
+    {"socket", required_argument, nullptr, 'k'},
+    {"shared", required_argument, nullptr, 'e'},
+    {"persistent", no_argument, nullptr, 't'},
+    {"export-name", required_argument, nullptr, 'x'},
+    {"export", required_argument, nullptr, 'x'},  // nbdkit's spelling
+    {"description", required_argument, nullptr, 'D'},
+    {"read-only", no_argument, nullptr, 'r'},
+    {"readonly", no_argument, nullptr, 'r'},
+    {"format", required_argument, nullptr, 'f'},
+    {"threads", required_argument, nullptr, opt_threads},
+    {"blocking-threads", required_argument, nullptr, opt_blocking_threads},
+    {"pid-file", required_argument, nullptr, opt_pid_file},
+    {"handshake-timeout", required_argument, nullptr, opt_handshake_timeout},
+    {"verbose", no_argument, nullptr, 'v'},
+    {"debug", required_argument, nullptr, opt_debug},
+    {"quiet", no_argument, nullptr, 'q'},
+    {"help", no_argument, nullptr, 'h'},
+    {"version", no_argument, nullptr, 'V'},
+    {nullptr, 0, nullptr, 0},
+};
+
+unsigned parse_number(std::string_view text, std::string_view flag, unsigned max) {
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc{} || end != text.data() + text.size() || value > max) {
+    throw UsageError("invalid value '" + std::string(text) + "' for " + std::string(flag) +
+                     " (expected a number from 0 to " + std::to_string(max) + ")");
+  }
+  return value;
+}
+
+}  // namespace
+
+const char* serve_help() {
+  return R"(Usage: imagenbd serve [OPTIONS] [NAME=]IMAGE...
+
+Serve disk images over the Network Block Device protocol (NBD).
+
+IMAGE is a file or block device (optionally written file:PATH), or memory:SIZE for a
+sparse RAM disk (e.g. memory:1G). Each IMAGE becomes one export: name it with NAME=IMAGE
+or, for a single image, with -x NAME. The first export is also the default export, the
+one a client gets when it asks for the empty name.
+
+Connection:
+  -p, --port=PORT            TCP port to listen on (default 10809)
+  -b, --bind=ADDR            address to listen on (default: every IPv4 and IPv6
+                             address); may be given several times
+  -k, --socket=PATH          listen on a Unix socket; without -p or -b, no TCP listener
+  -e, --shared=NUM           serve at most NUM clients at once (default 0: no limit)
+  -t, --persistent           accepted for qemu-nbd compatibility (imagenbd always stays up
+                             after the last client leaves)
+
+Exports:
+  -x, --export-name=NAME     export name for a single IMAGE (default: "")
+  -D, --description=TEXT     export description (shown by nbdinfo --list, qemu-nbd -L)
+  -r, --read-only            refuse writes, trims and zeroes (EPERM)
+  -f, --format=FORMAT        image format: raw (vhd and vdi are not built yet);
+                             default: probe the image, and never guess a format that
+                             would be written through
+
+Server:
+      --threads=NUM          I/O threads (default: one per CPU)
+      --blocking-threads=NUM threads for blocking file calls (default 16)
+      --pid-file=FILE        write the process id to FILE once listening
+      --handshake-timeout=S  close clients that have not finished the handshake after
+                             S seconds (default 10)
+  -v, --verbose              log handshakes and opens; twice: one line per request
+      --debug=LIST           debug logging by name: control, data (comma-separated)
+  -q, --quiet                log warnings and errors only
+  -h, --help                 print this help and exit
+  -V, --version              print the version and exit
+
+Stop with SIGINT or SIGTERM: imagenbd stops accepting, finishes the requests in flight,
+flushes and closes. Logs go to stderr, with syslog priorities under systemd.
+
+Examples:
+  imagenbd serve -x disk disk.img
+      qemu-img info nbd://localhost:10809/disk
+      nbdinfo nbd://localhost/disk
+      nbd-client localhost 10809 /dev/nbd0 -N disk
+  imagenbd serve -r -k /tmp/nbd.sock base=base.img scratch=memory:1G
+      qemu-io -r -f raw 'nbd+unix:///base?socket=/tmp/nbd.sock'
+)";
+}
+
+ServeCommand parse_serve(int argc, char** argv) {
+  ServeCommand cmd;
+  std::optional<std::string> export_name;
+  std::optional<std::string> description;
+  formats::Format format = formats::Format::automatic;
+  bool read_only = false;
+  bool port_given = false;
+  int verbosity = 0;
+
+  ::optind = 0;  // full reset: parse_serve may be called more than once (tests)
+  ::opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, "+:p:b:k:e:tx:D:rf:vqhV", long_options, nullptr)) != -1) {
+    const std::string arg = optarg ? optarg : "";
+    switch (c) {
+      case 'p':
+        cmd.server.listen.port = static_cast<uint16_t>(parse_number(arg, "--port", 65535));
+        port_given = true;
+        break;
+      case 'b': cmd.server.listen.bind_addresses.push_back(arg); break;
+      case 'k': cmd.server.listen.unix_paths.push_back(arg); break;
+      case 'e': cmd.server.max_clients = parse_number(arg, "--shared", 1u << 20); break;
+      case 't': break;
+      case 'x': export_name = arg; break;
+      case 'D': description = arg; break;
+      case 'r': read_only = true; break;
+      case 'f':
+        try {
+          format = formats::parse_format(arg);
+        } catch (const std::invalid_argument& e) {
+          throw UsageError(e.what());
+        }
+        break;
+      case opt_threads: cmd.server.threads = parse_number(arg, "--threads", 1024); break;
+      case opt_blocking_threads:
+        cmd.blocking_threads = parse_number(arg, "--blocking-threads", 4096);
+        break;
+      case opt_pid_file: cmd.server.pid_file = arg; break;
+      case opt_handshake_timeout:
+        cmd.server.session.handshake_timeout =
+            std::chrono::seconds(parse_number(arg, "--handshake-timeout", 86400));
+        break;
+      case 'v': ++verbosity; break;
+      case opt_debug: {
+        std::string_view list = arg;
+        while (!list.empty()) {
+          auto comma = list.find(',');
+          auto item = list.substr(0, comma);
+          if (item == "control") cmd.log.control_debug = true;
+          else if (item == "data") cmd.log.data_debug = true;
+          else throw UsageError("unknown --debug switch '" + std::string(item) +
+                                "' (known: control, data)");
+          list = comma == std::string_view::npos ? "" : list.substr(comma + 1);
+        }
+        break;
+      }
+      case 'q': cmd.log.level = log::Level::warning; break;
+      case 'h': cmd.help = true; return cmd;
+      case 'V': cmd.version = true; return cmd;
+      case ':':
+        throw UsageError(std::string("option ") + argv[optind - 1] + " needs a value");
+      default:
+        throw UsageError(std::string("unknown option ") + argv[optind - 1]);
+    }
+  }
+  if (verbosity >= 1) cmd.log.control_debug = true;
+  if (verbosity >= 2) cmd.log.data_debug = true;
+  // -k alone means a Unix socket only, as with qemu-nbd.
+  cmd.server.listen.tcp = cmd.server.listen.unix_paths.empty() || port_given ||
+                          !cmd.server.listen.bind_addresses.empty();
+
+  std::vector<std::string> images(argv + optind, argv + argc);
+  if (images.empty()) throw UsageError("no image given: imagenbd serve [OPTIONS] [NAME=]IMAGE...");
+  for (const auto& image : images) {
+    ExportSpec spec;
+    auto eq = image.find('=');
+    // NAME=IMAGE, unless the '=' belongs to a path ("./a=b.img", "/x/a=b").
+    if (eq != std::string::npos && image.find('/') > eq && !image.starts_with("memory:") &&
+        !image.starts_with("file:")) {
+      spec.name = image.substr(0, eq);
+      spec.image = image.substr(eq + 1);
+    } else {
+      if (images.size() > 1) {
+        throw UsageError("several images given: name each one, as NAME=IMAGE ('" + image + "')");
+      }
+      spec.name = export_name.value_or("");
+      spec.image = image;
+    }
+    if (spec.image.empty()) throw UsageError("export '" + spec.name + "' has no image");
+    if (spec.name.size() > 4096) throw UsageError("export names are limited to 4096 bytes");
+    spec.description = description.value_or("");
+    spec.format = format;
+    spec.read_only = read_only;
+    cmd.exports.push_back(std::move(spec));
+  }
+  return cmd;
+}
+
+}  // namespace imagenbd::server

@@ -1,0 +1,32 @@
+// Command-line parsing for `imagenbd serve`, with flags a qemu-nbd user can guess.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "backends/log.hpp"
+#include "server/exports.hpp"
+#include "server/server.hpp"
+
+namespace imagenbd::server {
+
+// A mistake on the command line: the message says what is wrong and what to do.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct ServeCommand {
+  bool help = false;
+  bool version = false;
+  ServerOptions server;
+  std::vector<ExportSpec> exports;
+  log::Settings log;
+  unsigned blocking_threads = 0;  // 0: default
+};
+
+// argv[0] is the program or subcommand name; throws UsageError.
+ServeCommand parse_serve(int argc, char** argv);
+const char* serve_help();
+
+}  // namespace imagenbd::server

@@ -1,0 +1,102 @@
+#include "server/exports.hpp"
+
+#include <charconv>
+#include <stdexcept>
+
+#include "backends/file.hpp"
+#include "backends/log.hpp"
+#include "backends/memory.hpp"
+
+namespace imagenbd::server {
+
+namespace tf = protocol::tx_flag;
+
+protocol::ExportInfo Export::info() const {
+  const backends::Caps caps = device->caps();
+  protocol::ExportInfo info;
+  info.name = name;
+  info.description = description;
+  info.size = device->size();
+  uint16_t flags = tf::has_flags | tf::send_cache;
+  if (!caps.writable) flags |= tf::read_only;
+  if (caps.flush) flags |= tf::send_flush;
+  if (caps.writable) {
+    if (caps.fua || caps.flush) flags |= tf::send_fua;
+    if (caps.trim) flags |= tf::send_trim;
+    flags |= tf::send_write_zeroes;  // zero() always works (emulated if need be)
+    if (caps.fast_zero) flags |= tf::send_fast_zero;
+  }
+  if (caps.multi_conn) flags |= tf::can_multi_conn;
+  info.flags = flags;
+  info.block_min = caps.block_min;
+  info.block_preferred = caps.block_preferred;
+  info.block_max = caps.block_max;
+  return info;
+}
+
+uint64_t parse_size(std::string_view text) {
+  uint64_t value = 0;
+  auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  std::string_view suffix(end, static_cast<std::size_t>(text.data() + text.size() - end));
+  unsigned shift = 0;
+  if (suffix == "K" || suffix == "k" || suffix == "KiB") shift = 10;
+  else if (suffix == "M" || suffix == "MiB") shift = 20;
+  else if (suffix == "G" || suffix == "GiB") shift = 30;
+  else if (suffix == "T" || suffix == "TiB") shift = 40;
+  else if (!suffix.empty()) ec = std::errc::invalid_argument;
+  if (ec != std::errc{} || end == text.data() || (shift && value > (UINT64_MAX >> shift))) {
+    throw std::invalid_argument("invalid size '" + std::string(text) +
+                                "' (expected a number of bytes, optionally with K, M, G or T)");
+  }
+  return value << shift;
+}
+
+boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec) {
+  backends::DevicePtr leaf;
+  std::string_view image = spec.image;
+  if (image.starts_with("memory:")) {
+    leaf = backends::open_memory(parse_size(image.substr(7)), spec.image);
+  } else {
+    if (image.starts_with("file:")) image.remove_prefix(5);
+    leaf = backends::open_file(std::string(image), {.read_only = spec.read_only});
+  }
+  auto e = std::make_shared<Export>();
+  e->name = spec.name;
+  e->description = spec.description;
+  e->device = co_await formats::open_image(
+      leaf, {.format = spec.format, .read_only = spec.read_only});
+  co_return e;
+}
+
+void ExportRegistry::add(std::shared_ptr<const Export> e) {
+  for (const auto& existing : exports_) {
+    if (existing->name == e->name) {
+      throw std::invalid_argument("export name '" + e->name + "' is used twice");
+    }
+  }
+  exports_.push_back(std::move(e));
+}
+
+std::shared_ptr<const Export> ExportRegistry::find(std::string_view name) const {
+  for (const auto& e : exports_) {
+    if (e->name == name) return e;
+  }
+  // The empty name asks for the default export: the first one.
+  if (name.empty() && !exports_.empty()) return exports_.front();
+  return nullptr;
+}
+
+std::optional<protocol::ExportInfo> ExportRegistry::lookup(std::string_view name) const {
+  auto e = find(name);
+  if (!e) return std::nullopt;
+  return e->info();
+}
+
+std::vector<protocol::ExportInfo> ExportRegistry::list() const {
+  std::vector<protocol::ExportInfo> out;
+  out.reserve(exports_.size());
+  for (const auto& e : exports_) out.push_back(e->info());
+  return out;
+}
+
+}  // namespace imagenbd::server

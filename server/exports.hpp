@@ -1,0 +1,61 @@
+// Exports: a name, a layer stack and a policy. The stack is built once per export and
+// shared by all its connections, so flushes and caches are common and multi-conn honest.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <utility>  // before asio: Boost 1.74's awaitable.hpp uses std::exchange
+
+#include <boost/asio/awaitable.hpp>
+
+#include "backends/block_device.hpp"
+#include "formats/open_image.hpp"
+#include "protocol/handshake.hpp"
+
+namespace imagenbd::server {
+
+// What the command line (or, later, a config file) says about one export.
+struct ExportSpec {
+  std::string name;
+  std::string description;
+  std::string image;  // a path, file:PATH, or memory:SIZE
+  formats::Format format = formats::Format::automatic;
+  bool read_only = false;
+};
+
+struct Export {
+  std::string name;
+  std::string description;
+  backends::DevicePtr device;
+
+  // Transmission flags and block sizes, derived from the stack's capabilities: we only
+  // advertise what the stack really does.
+  protocol::ExportInfo info() const;
+};
+
+// Opens the image and builds the layer stack for one export.
+boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec);
+
+// Parses "64M", "1G", "4096" (suffixes K, M, G, T are powers of 1024). Throws
+// std::invalid_argument with a message naming the text.
+uint64_t parse_size(std::string_view text);
+
+// The exports of a running server. The first export added is the default one, served to
+// clients that ask for the empty name.
+class ExportRegistry : public protocol::ExportCatalog {
+ public:
+  void add(std::shared_ptr<const Export> e);  // throws std::invalid_argument on a duplicate
+  std::shared_ptr<const Export> find(std::string_view name) const;
+  const std::vector<std::shared_ptr<const Export>>& all() const { return exports_; }
+
+  std::optional<protocol::ExportInfo> lookup(std::string_view name) const override;
+  std::vector<protocol::ExportInfo> list() const override;
+
+ private:
+  std::vector<std::shared_ptr<const Export>> exports_;
+};
+
+}  // namespace imagenbd::server

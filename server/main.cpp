@@ -1,0 +1,136 @@
+// imagenbd: serve disk images over NBD. Subcommands: serve (the default), and --help /
+// --version. Image tools (create, convert, info, check) arrive with the format issues.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string_view>
+#include <utility>  // before asio: Boost 1.74's awaitable.hpp uses std::exchange
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "backends/log.hpp"
+#include "backends/offload.hpp"
+#include "imagenbd_version.hpp"
+#include "server/cli.hpp"
+#include "server/exports.hpp"
+#include "server/server.hpp"
+
+namespace {
+
+using namespace imagenbd;
+
+const char* main_help() {
+  return R"(Usage: imagenbd COMMAND [OPTIONS]...
+       imagenbd [OPTIONS] [NAME=]IMAGE...     (same as 'imagenbd serve')
+
+Commands:
+  serve      serve disk images over NBD (see 'imagenbd serve --help')
+
+Options:
+  -h, --help     print this help and exit
+  -V, --version  print the version and exit
+)";
+}
+
+// Runs a coroutine to completion on a private io_context (startup work such as opening
+// images), rethrowing its exception.
+template <typename T>
+T run_now(boost::asio::awaitable<T> task) {
+  boost::asio::io_context ctx;
+  std::exception_ptr error;
+  std::optional<T> result;
+  boost::asio::co_spawn(ctx, std::move(task), [&](std::exception_ptr ep, T value) {
+    error = ep;
+    if (!ep) result = std::move(value);
+  });
+  ctx.run();
+  if (error) std::rethrow_exception(error);
+  return std::move(*result);
+}
+
+int serve(int argc, char** argv) {
+  server::ServeCommand cmd;
+  try {
+    cmd = server::parse_serve(argc, argv);
+  } catch (const server::UsageError& e) {
+    std::fprintf(stderr, "imagenbd: %s\nTry 'imagenbd serve --help' for more information.\n",
+                 e.what());
+    return 2;
+  }
+  if (cmd.help) {
+    std::fputs(server::serve_help(), stdout);
+    return 0;
+  }
+  if (cmd.version) {
+    std::printf("imagenbd %s\n", IMAGENBD_VERSION);
+    return 0;
+  }
+  log::configure(cmd.log);
+  if (cmd.blocking_threads) backends::set_blocking_threads(cmd.blocking_threads);
+
+  auto registry = std::make_shared<server::ExportRegistry>();
+  try {
+    for (const auto& spec : cmd.exports) {
+      auto e = run_now(server::open_export(spec));
+      const auto info = e->info();
+      log::info("export '{}': {} ({}, {} bytes{})", e->name, e->device->describe(),
+                e->device->name(), info.size,
+                (info.flags & protocol::tx_flag::read_only) ? ", read-only" : "");
+      registry->add(std::move(e));
+    }
+    server::Server srv(cmd.server, registry);
+    srv.run();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "imagenbd: %s\n", e.what());
+    return 1;
+  }
+  // Every connection flushed what it wrote; flush once more for writes of clients that
+  // were cut off by the stop timeout.
+  for (const auto& e : registry->all()) {
+    if (!e->device->caps().flush || !e->device->caps().writable) continue;
+    try {
+      run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
+        co_await d->flush();
+        co_return 0;
+      }(e->device));
+    } catch (const std::exception& ex) {
+      log::error("export '{}': final flush failed: {}", e->name, ex.what());
+      return 1;
+    }
+  }
+  log::info("stopped");
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc >= 2) {
+    std::string_view first = argv[1];
+    if (first == "serve") return serve(argc - 1, argv + 1);
+    if (first == "-h" || first == "--help" || first == "help") {
+      std::fputs(main_help(), stdout);
+      return 0;
+    }
+    if (first == "-V" || first == "--version") {
+      std::printf("imagenbd %s\n", IMAGENBD_VERSION);
+      return 0;
+    }
+    if (!first.starts_with("-") && first.find_first_of("/.=:") == std::string_view::npos &&
+        first != "serve") {
+      // A bare word that is not a file is most likely a mistyped command.
+      if (!std::fopen(argv[1], "r")) {
+        std::fprintf(stderr,
+                     "imagenbd: unknown command '%s'\nTry 'imagenbd --help' for more "
+                     "information.\n",
+                     argv[1]);
+        return 2;
+      }
+    }
+  } else {
+    std::fputs(main_help(), stderr);
+    return 2;
+  }
+  return serve(argc, argv);
+}

@@ -1,0 +1,190 @@
+#include "server/server.hpp"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <fstream>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include "backends/log.hpp"
+
+namespace imagenbd::server {
+
+namespace {
+
+std::string peer_name(const Socket& socket, const Listener& listener) {
+  if (!listener.tcp) return listener.label;
+  boost::system::error_code ec;
+  auto ep = socket.remote_endpoint(ec);
+  if (ec) return "client";
+  const auto* sa = static_cast<const sockaddr*>(ep.data());
+  if (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) {
+    asio::ip::tcp::endpoint tep;
+    std::memcpy(tep.data(), ep.data(), ep.size());
+    tep.resize(ep.size());
+    return tep.address().is_v6() ? "[" + tep.address().to_string() + "]:" +
+                                       std::to_string(tep.port())
+                                 : tep.address().to_string() + ":" + std::to_string(tep.port());
+  }
+  return "client";
+}
+
+}  // namespace
+
+Server::Server(ServerOptions options, std::shared_ptr<const ExportRegistry> exports)
+    : options_(std::move(options)), exports_(std::move(exports)) {
+  unsigned n = options_.threads ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
+  for (unsigned i = 0; i < n; ++i) workers_.push_back(std::make_unique<asio::io_context>(1));
+}
+
+Server::~Server() {
+  for (auto& w : workers_) w->stop();
+  for (auto& t : threads_) {
+    if (t.joinable()) t.join();
+  }
+}
+
+asio::io_context& Server::next_context() {
+  return *workers_[next_worker_.fetch_add(1, std::memory_order_relaxed) % workers_.size()];
+}
+
+void Server::run() {
+  ::signal(SIGPIPE, SIG_IGN);
+  listeners_ = open_listeners(main_, options_.listen);
+  for (auto& l : listeners_) log::info("listening on {}", l->label);
+
+  if (!options_.pid_file.empty()) {
+    std::ofstream pid(options_.pid_file, std::ios::trunc);
+    pid << ::getpid() << '\n';
+    if (!pid) throw std::runtime_error("cannot write the pid file " + options_.pid_file);
+  }
+
+  std::vector<asio::executor_work_guard<asio::io_context::executor_type>> guards;
+  for (auto& w : workers_) {
+    guards.push_back(asio::make_work_guard(*w));
+    threads_.emplace_back([ctx = w.get()] { ctx->run(); });
+  }
+
+  asio::signal_set signals(main_, SIGINT, SIGTERM);
+  std::function<void(boost::system::error_code, int)> on_signal =
+      [&](boost::system::error_code ec, int signo) {
+        if (ec) return;
+        if (stopping_) {
+          log::warn("second signal {}: stopping now, without waiting for clients", signo);
+          std::_Exit(1);
+        }
+        log::notice("signal {} received: stopping (finishing {} connection(s))", signo,
+                    session_count_.load());
+        stop();
+        signals.async_wait(on_signal);
+      };
+  signals.async_wait(on_signal);
+
+  for (auto& l : listeners_) {
+    asio::co_spawn(main_, accept_loop(*l), [label = l->label](std::exception_ptr ep) {
+      if (!ep) return;
+      try {
+        std::rethrow_exception(ep);
+      } catch (const std::exception& e) {
+        log::error("listener {} failed: {}", label, e.what());
+      }
+    });
+  }
+  main_.run();
+
+  // Stopping: wait for the connections to finish their requests, up to stop_timeout.
+  const auto deadline = std::chrono::steady_clock::now() + options_.stop_timeout;
+  while (session_count_.load() > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  if (session_count_.load() > 0) {
+    log::warn("{} connection(s) still busy after {} s; closing them", session_count_.load(),
+              options_.stop_timeout.count());
+  }
+  guards.clear();
+  for (auto& w : workers_) w->stop();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+  for (auto& l : listeners_) close_listener(*l);
+  if (!options_.pid_file.empty()) ::unlink(options_.pid_file.c_str());
+}
+
+void Server::stop() {
+  if (stopping_.exchange(true)) return;
+  asio::post(main_, [this] {
+    for (auto& l : listeners_) {
+      boost::system::error_code ec;
+      l->acceptor.close(ec);
+    }
+    std::lock_guard lock(sessions_mutex_);
+    for (auto& [_, weak] : sessions_) {
+      if (auto s = weak.lock()) s->stop();
+    }
+    main_.stop();
+  });
+}
+
+asio::awaitable<void> Server::accept_loop(Listener& listener) {
+  while (!stopping_) {
+    auto& ctx = next_context();
+    boost::system::error_code ec;
+    Socket socket = co_await listener.acceptor.async_accept(
+        ctx, asio::redirect_error(asio::use_awaitable, ec));
+    if (ec) {
+      if (ec == asio::error::operation_aborted || stopping_) co_return;
+      // EMFILE and friends: log, pause briefly, keep serving the clients we have.
+      log::warn("accept on {} failed: {}", listener.label, ec.message());
+      asio::steady_timer pause(main_, std::chrono::milliseconds(100));
+      co_await pause.async_wait(asio::use_awaitable);
+      continue;
+    }
+    std::string peer = peer_name(socket, listener);
+    if (options_.max_clients && session_count_.load() >= options_.max_clients) {
+      log::warn("{}: refused: {} clients already connected (--shared={})", peer,
+                session_count_.load(), options_.max_clients);
+      socket.close(ec);
+      continue;
+    }
+    if (listener.tcp) {
+      socket.set_option(asio::ip::tcp::no_delay(true), ec);
+      socket.set_option(asio::socket_base::keep_alive(true), ec);
+    }
+    start_session(std::move(socket), std::move(peer));
+  }
+}
+
+void Server::start_session(Socket socket, std::string peer) {
+  auto ex = socket.get_executor();
+  auto session = std::make_shared<Session>(std::move(socket), std::move(peer), exports_,
+                                           options_.session);
+  {
+    std::lock_guard lock(sessions_mutex_);
+    sessions_.emplace(session.get(), session);
+  }
+  ++session_count_;
+  log::debug("{}: connected", session->peer());
+  // A connection accepted just as the stop began must stop too.
+  if (stopping_) session->stop();
+  asio::co_spawn(ex, session->run(), [this, session](std::exception_ptr) {
+    {
+      std::lock_guard lock(sessions_mutex_);
+      sessions_.erase(session.get());
+    }
+    --session_count_;
+  });
+}
+
+}  // namespace imagenbd::server

@@ -1,0 +1,62 @@
+// The running server: one io_context per worker thread (connections are spread over them,
+// and each connection stays on one thread), the listeners, the live sessions, and the
+// graceful stop on SIGINT/SIGTERM: stop accepting, let requests in flight finish, flush,
+// close.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include <boost/asio/io_context.hpp>
+
+#include "server/exports.hpp"
+#include "server/listener.hpp"
+#include "server/session.hpp"
+
+namespace imagenbd::server {
+
+struct ServerOptions {
+  ListenSpec listen;
+  unsigned threads = 0;      // worker io threads; 0 = one per CPU
+  unsigned max_clients = 0;  // simultaneous connections; 0 = unlimited
+  std::string pid_file;      // written once every listener is bound
+  std::chrono::seconds stop_timeout{30};
+  SessionOptions session;
+};
+
+class Server {
+ public:
+  Server(ServerOptions options, std::shared_ptr<const ExportRegistry> exports);
+  ~Server();
+  // Binds the listeners (throws with a clear message on failure), then serves until a
+  // stop signal; returns once every connection is closed.
+  void run();
+  // Begins the graceful stop (thread-safe).
+  void stop();
+
+ private:
+  asio::awaitable<void> accept_loop(Listener& listener);
+  void start_session(Socket socket, std::string peer);
+  asio::io_context& next_context();
+
+  ServerOptions options_;
+  std::shared_ptr<const ExportRegistry> exports_;
+  asio::io_context main_;  // listeners and signals
+  std::vector<std::unique_ptr<asio::io_context>> workers_;
+  std::vector<std::thread> threads_;
+  std::vector<std::unique_ptr<Listener>> listeners_;
+  std::atomic<unsigned> next_worker_{0};
+  std::atomic<bool> stopping_{false};
+
+  std::mutex sessions_mutex_;
+  std::unordered_map<Session*, std::weak_ptr<Session>> sessions_;
+  std::atomic<unsigned> session_count_{0};
+};
+
+}  // namespace imagenbd::server

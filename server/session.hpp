@@ -1,0 +1,133 @@
+// One client connection: the handshake (driven through protocol::Handshake), then the
+// transmission phase. A reader coroutine decodes requests continuously and spawns one
+// handler per request (bounded in count and bytes, for backpressure); handlers finish in
+// any order and queue their replies; one writer sends whatever is queued in a single
+// gathered write, header and payload together.
+//
+// Thread safety: a session lives on one io_context run by one thread; everything below
+// runs there. stop() may be called from elsewhere: it posts to that executor.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <string>
+
+#include <utility>  // before asio: Boost 1.74's awaitable.hpp uses std::exchange
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/container/small_vector.hpp>
+
+#include "protocol/handshake.hpp"
+#include "protocol/transmission.hpp"
+#include "server/buffer_pool.hpp"
+#include "server/exports.hpp"
+#include "server/validate.hpp"
+
+namespace imagenbd::server {
+
+namespace asio = boost::asio;
+using Socket = asio::generic::stream_protocol::socket;
+
+struct SessionOptions {
+  std::chrono::milliseconds handshake_timeout{10'000};
+  uint32_t max_in_flight = 128;                 // requests being handled at once
+  uint64_t max_in_flight_bytes = 128ull << 20;  // payload bytes held by those requests
+};
+
+// Counters of one session, logged when it ends.
+struct SessionStats {
+  uint64_t requests = 0;
+  uint64_t errors = 0;
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+};
+
+class Session : public std::enable_shared_from_this<Session> {
+ public:
+  Session(Socket socket, std::string peer, std::shared_ptr<const ExportRegistry> exports,
+          SessionOptions options);
+
+  // Runs the whole connection; returns when it is closed. Never throws.
+  asio::awaitable<void> run();
+  // Graceful stop: no new requests are read; requests in flight finish and are answered,
+  // the export is flushed, the connection is closed. Safe to call from any thread.
+  void stop();
+
+  const std::string& peer() const { return peer_; }
+
+ private:
+  // A reply waiting to be sent: header bytes of one or more chunks, and the payload they
+  // refer to. Pieces say in which order head and payload ranges go on the wire.
+  struct Piece {
+    bool payload;
+    uint32_t offset;
+    uint32_t length;
+  };
+  struct Reply {
+    boost::container::small_vector<std::byte, 64> head;
+    boost::container::small_vector<Piece, 4> pieces;
+    Buffer payload;
+    std::byte* add_head(std::size_t n);
+    void add_payload(std::size_t offset, std::size_t n);
+  };
+  // Wakes coroutines waiting for a condition on this session (single-threaded).
+  class Signal {
+   public:
+    explicit Signal(const asio::any_io_executor& ex) : timer_(ex) {}
+    asio::awaitable<void> wait();
+    void notify() { timer_.cancel(); }
+
+   private:
+    asio::steady_timer timer_;
+  };
+
+  asio::awaitable<bool> handshake();
+  asio::awaitable<void> transmission();
+  asio::awaitable<bool> fill(std::size_t wanted);  // false on EOF or error
+  asio::awaitable<void> discard(uint64_t length);
+  asio::awaitable<void> acquire(uint64_t bytes);
+  asio::awaitable<void> handle(protocol::Request request, Buffer payload);
+  asio::awaitable<void> do_read(const protocol::Request& r, Reply& reply);
+  asio::awaitable<void> do_block_status(const protocol::Request& r, Reply& reply);
+  asio::awaitable<void> write_loop();
+  asio::awaitable<void> drain_and_close();
+  void reply_ok(const protocol::Request& r, Reply& reply);
+  void reply_error(const protocol::Request& r, protocol::Errno error, std::string_view message,
+                   Reply& reply);
+  void send(Reply reply);
+  void log_request(const protocol::Request& r, protocol::Errno result) const;
+
+  Socket socket_;
+  std::string peer_;
+  std::shared_ptr<const ExportRegistry> exports_;
+  SessionOptions options_;
+
+  // Read buffer: bytes [begin_, end_) are received and not yet decoded.
+  std::unique_ptr<std::byte[]> rbuf_;
+  std::size_t begin_ = 0;
+  std::size_t end_ = 0;
+
+  // Set once the handshake reaches transmission.
+  protocol::Negotiated negotiated_;
+  std::shared_ptr<const Export> export_;
+  backends::DevicePtr device_;
+  backends::Caps caps_;
+  RequestLimits limits_;
+
+  uint32_t in_flight_ = 0;
+  uint64_t in_flight_bytes_ = 0;
+  Signal progress_;  // a request finished, or the writer went idle
+
+  std::deque<Reply> queue_;
+  bool writing_ = false;
+  bool broken_ = false;  // a socket write failed: drop further replies
+  bool stopping_ = false;
+  bool wrote_data_ = false;
+  SessionStats stats_;
+};
+
+}  // namespace imagenbd::server
