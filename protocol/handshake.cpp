@@ -44,6 +44,51 @@ class PayloadReader {
   std::size_t pos_ = 0;
 };
 
+// Length of the valid UTF-8 sequence starting at text[i], or 0 (RFC 3629: no overlongs,
+// surrogates or code points past U+10FFFF).
+std::size_t utf8_length(std::string_view text, std::size_t i) {
+  auto at = [&](std::size_t k) { return static_cast<unsigned char>(text[i + k]); };
+  const unsigned c = at(0);
+  std::size_t length = 0;
+  unsigned low = 0x80, high = 0xBF;
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    length = 2;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    length = 3;
+    if (c == 0xE0) low = 0xA0;
+    if (c == 0xED) high = 0x9F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    length = 4;
+    if (c == 0xF0) low = 0x90;
+    if (c == 0xF4) high = 0x8F;
+  } else {
+    return 0;
+  }
+  if (text.size() - i < length || at(1) < low || at(1) > high) return 0;
+  for (std::size_t k = 2; k < length; ++k) {
+    if ((at(k) & 0xC0) != 0x80) return 0;
+  }
+  return length;
+}
+
+// Error messages are NBD strings (UTF-8, no NUL, at most 4096 bytes) but often quote what
+// the client sent: control characters and invalid UTF-8 become '?', and the cut at 4096
+// bytes never splits a character.
+std::string message_string(std::string_view text) {
+  std::string out;
+  for (std::size_t i = 0; i < text.size();) {
+    std::size_t length = utf8_length(text, i);
+    const bool control = length == 1 && (static_cast<unsigned char>(text[i]) < 0x20 ||
+                                         static_cast<unsigned char>(text[i]) == 0x7F);
+    const std::string_view piece = length == 0 || control ? "?" : text.substr(i, length);
+    if (out.size() + piece.size() > max_string_length) break;
+    out += piece;
+    i += length == 0 ? 1 : length;
+  }
+  return out;
+}
+
 std::string hex(uint32_t value) {
   char buf[16];
   std::snprintf(buf, sizeof buf, "0x%x", value);
@@ -168,10 +213,10 @@ void Handshake::reply(std::vector<std::byte>& out, Rep type, std::span<const std
 }
 
 void Handshake::reply_error(std::vector<std::byte>& out, Rep type, std::string_view message) {
-  message = message.substr(0, max_string_length);
-  reply(out, type, std::as_bytes(std::span(message.data(), message.size())));
+  const std::string text = message_string(message);
+  reply(out, type, std::as_bytes(std::span(text.data(), text.size())));
   event(std::string(name(static_cast<Opt>(option_))) + " -> " + std::string(name(type)) + ": " +
-        std::string(message));
+        text);
 }
 
 uint16_t Handshake::transmission_flags(const ExportInfo& info) const {

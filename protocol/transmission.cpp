@@ -81,7 +81,12 @@ namespace {
 void append_error_chunk(std::vector<std::byte>& out, uint16_t flags, ReplyType type,
                         uint64_t cookie, Errno error, std::string_view message,
                         const uint64_t* offset) {
-  message = message.substr(0, max_string_length);
+  // Messages are UTF-8 strings: cut before a continuation byte, never inside a character.
+  if (message.size() > max_string_length) {
+    std::size_t n = max_string_length;
+    while (n > 0 && (static_cast<unsigned char>(message[n]) & 0xC0) == 0x80) --n;
+    message = message.substr(0, n);
+  }
   const auto length = static_cast<uint32_t>(6 + message.size() + (offset ? 8 : 0));
   const std::size_t start = out.size();
   out.resize(start + structured_reply_header_size);

@@ -20,17 +20,17 @@ namespace {
 
 using namespace imagenbd;
 
-const char* main_help() {
-  return R"(Usage: imagenbd COMMAND [OPTIONS]...
+void print_main_help() {
+  std::fputs(R"(Usage: imagenbd COMMAND [OPTIONS]...
        imagenbd [OPTIONS] [NAME=]IMAGE...     (same as 'imagenbd serve')
 
 Commands:
-  serve      serve disk images over NBD (see 'imagenbd serve --help')
+  serve      serve disk images over NBD (the default; its options follow)
+  (image tools - create, convert, info, check, resize - are not built yet)
 
-Options:
-  -h, --help     print this help and exit
-  -V, --version  print the version and exit
-)";
+)",
+             stdout);
+  std::fputs(server::serve_help(), stdout);
 }
 
 // Runs a coroutine to completion on a private io_context (startup work such as opening
@@ -110,7 +110,7 @@ int main(int argc, char** argv) {
     std::string_view first = argv[1];
     if (first == "serve") return serve(argc - 1, argv + 1);
     if (first == "-h" || first == "--help" || first == "help") {
-      std::fputs(main_help(), stdout);
+      print_main_help();
       return 0;
     }
     if (first == "-V" || first == "--version") {
@@ -129,7 +129,8 @@ int main(int argc, char** argv) {
       }
     }
   } else {
-    std::fputs(main_help(), stderr);
+    std::fputs("imagenbd: no command or image given\nTry 'imagenbd --help' for more information.\n",
+               stderr);
     return 2;
   }
   return serve(argc, argv);

@@ -83,16 +83,21 @@ Session::Session(Socket socket, std::string peer, std::shared_ptr<const ExportRe
       exports_(std::move(exports)),
       options_(options),
       rbuf_(new std::byte[read_buffer_size]),
-      progress_(socket_.get_executor()) {}
+      progress_(socket_.get_executor()),
+      grace_(socket_.get_executor()) {}
 
 void Session::stop() {
   asio::post(socket_.get_executor(), [self = shared_from_this()] {
     if (self->stopping_) return;
     self->stopping_ = true;
-    // Ending the receive side makes the pending read see EOF: the reader stops taking
-    // requests while replies can still be written.
-    boost::system::error_code ec;
-    self->socket_.shutdown(asio::socket_base::shutdown_receive, ec);
+    // Requests still arriving are answered ESHUTDOWN, so the client learns why and can
+    // disconnect cleanly; after a grace period, ending the receive side makes the pending
+    // read see EOF while replies can still be written.
+    self->grace_.expires_after(std::chrono::seconds(2));
+    self->grace_.async_wait([self](boost::system::error_code ec) {
+      if (ec) return;
+      self->socket_.shutdown(asio::socket_base::shutdown_receive, ec);
+    });
   });
 }
 
@@ -105,6 +110,7 @@ asio::awaitable<void> Session::run() {
   } catch (const std::exception& e) {
     log::warn("{}: connection failed: {}", peer_, e.what());
   }
+  grace_.cancel();
   boost::system::error_code ec;
   socket_.close(ec);
 }
@@ -220,7 +226,7 @@ asio::awaitable<void> Session::acquire(uint64_t bytes) {
 asio::awaitable<void> Session::transmission() {
   auto self = shared_from_this();
   auto ex = socket_.get_executor();
-  while (!stopping_) {
+  for (;;) {
     if (!co_await fill(protocol::request_size)) co_return;
     auto decoded = protocol::decode_request({rbuf_.get() + begin_, end_ - begin_});
     if (decoded.status != protocol::DecodeStatus::ok) {
@@ -235,13 +241,13 @@ asio::awaitable<void> Session::transmission() {
       log::debug("{}: NBD_CMD_DISC", peer_);
       co_return;
     }
-    const Errno invalid = validate_request(r, limits_);
+    const Errno invalid = stopping_ ? Errno::shutdown : validate_request(r, limits_);
     const bool has_payload = r.command() == Cmd::write;
     if (invalid != Errno::ok) {
       // The payload of a refused write is read and dropped, so the stream stays in step.
       if (has_payload) co_await discard(r.length);
       Reply reply;
-      reply_error(r, invalid, "request refused", reply);
+      reply_error(r, invalid, stopping_ ? "server is shutting down" : "request refused", reply);
       log_request(r, invalid);
       send(std::move(reply));
       continue;

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The README's second command: install what is missing, build, and run the whole test suite
+# through ctest: unit and integration tests on the normal build, then the unit tests again
+# under AddressSanitizer and UndefinedBehaviorSanitizer.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh test
+
+# A missing client must fail the run, not skip a test.
+export IMAGENBD_REQUIRE_ALL=1
+
+scripts/build.sh default
+ctest --preset default -j "${IMAGENBD_TEST_JOBS:-2}"
+
+scripts/build.sh asan --target unit_protocol unit_backends unit_formats
+ctest --preset asan -j "${IMAGENBD_TEST_JOBS:-2}"

@@ -1,0 +1,368 @@
+# imagenbd integration tests: common functions, sourced by every test-*.sh.
+#
+# A test looks like this (nbdkit's tests/functions.sh pattern):
+#
+#   #!/usr/bin/env bash
+#   source "$(dirname "$0")/functions.sh"
+#   set -x
+#   requires qemu-img nbdinfo
+#   start_imagenbd -x disk "$tmpdir/disk.img"      # Unix socket in $tmpdir
+#   qemu-img info "$(nbd_uri disk)"
+#   stop_imagenbd                                    # SIGTERM, must exit 0
+#
+# Environment:
+#   IMAGENBD               the imagenbd binary (CTest sets it; default: build/server/imagenbd)
+#   IMAGENBD_TEST_TMP      parent directory for the per-test temporary directory
+#   IMAGENBD_REQUIRE_ALL=1 a missing client is a failure (exit 1), not a skip (exit 77)
+#   IMAGENBD_TEST_VERBOSE=1 start the server with -v
+#
+# Exit codes: 0 pass, 1 fail, 77 skip.  On failure the server logs are printed and the
+# temporary directory is kept.
+
+set -e -o pipefail
+
+test_name=$(basename "$0" .sh)
+srcdir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+
+# ---------------------------------------------------------------------------
+# Reporting
+
+# fail MESSAGE...: report a failure and exit 1 (the EXIT trap prints the server logs).
+fail ()
+{
+    echo "$test_name: FAIL: $*" >&2
+    exit 1
+}
+
+# skip REASON...: exit 77, or fail when IMAGENBD_REQUIRE_ALL=1 (CI must not skip).
+skip ()
+{
+    if [ "${IMAGENBD_REQUIRE_ALL:-0}" = 1 ]; then
+        echo "$test_name: FAIL: $* (IMAGENBD_REQUIRE_ALL=1 forbids skipping)" >&2
+        exit 1
+    fi
+    echo "$test_name: SKIP: $*" >&2
+    exit 77
+}
+
+# requires CMD...: skip unless every command is on $PATH.
+requires ()
+{
+    local c
+    for c in "$@"; do
+        command -v "$c" >/dev/null 2>&1 || skip "required command '$c' not found"
+    done
+}
+
+# requires_run CMD [ARGS...]: skip unless the command (or shell function) succeeds.
+requires_run ()
+{
+    "$@" </dev/null >/dev/null 2>&1 || skip "required check '$*' failed"
+}
+
+# requires_nbdsh: nbdsh plus the python3-libnbd module it runs on.
+requires_nbdsh ()
+{
+    requires nbdsh
+    requires_run nbdsh_py -n -c 'import nbd'
+}
+
+# ---------------------------------------------------------------------------
+# Clients
+
+# nbdsh_py ARGS...: nbdsh under the system python3 (python3-libnbd is installed for
+# /usr/bin/python3; a pyenv python3 earlier on $PATH would shadow it).
+nbdsh_py ()
+{
+    PATH=/usr/bin:$PATH nbdsh "$@"
+}
+
+# py3 ARGS...: the system python3, with this directory on sys.path (for rawnbd.py).
+py3 ()
+{
+    PATH=/usr/bin:$PATH PYTHONDONTWRITEBYTECODE=1 \
+        PYTHONPATH="$srcdir${PYTHONPATH:+:$PYTHONPATH}" python3 "$@"
+}
+
+# must_fail OUTFILE CMD [ARGS...]: run CMD, expect a non-zero exit status; its stdout
+# and stderr go to OUTFILE (and are echoed for the test log).
+must_fail ()
+{
+    local out=$1 status=0
+    shift
+    "$@" >"$out" 2>&1 || status=$?
+    cat "$out"
+    if [ "$status" -eq 0 ]; then
+        fail "expected failure, but '$*' succeeded"
+    fi
+}
+
+# must_contain FILE REGEX [WHAT]: FILE must match the extended regular expression.
+must_contain ()
+{
+    grep -Eq -- "$2" "$1" || {
+        echo "--- $1:" >&2; cat "$1" >&2
+        fail "${3:-$1} does not match /$2/"
+    }
+}
+
+# free_port: print a TCP port on 127.0.0.1 that is free right now.
+free_port ()
+{
+    py3 -c '
+import socket
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])
+s.close()'
+}
+
+# fs_supports_holes DIR: true if files in DIR can be sparse (SEEK_HOLE finds a hole).
+fs_supports_holes ()
+{
+    py3 - "$1" <<'EOF'
+import os, sys, tempfile
+fd, path = tempfile.mkstemp(dir=sys.argv[1])
+try:
+    os.ftruncate(fd, 8 << 20)
+    os.pwrite(fd, b"x" * 65536, 4 << 20)
+    os.fsync(fd)
+    ok = os.lseek(fd, 0, os.SEEK_DATA) == 4 << 20
+finally:
+    os.close(fd)
+    os.unlink(path)
+sys.exit(0 if ok else 1)
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# The binary under test
+
+if [ -z "${IMAGENBD:-}" ]; then
+    IMAGENBD=$(cd "$srcdir/../.." && pwd)/build/server/imagenbd
+fi
+case "$IMAGENBD" in
+    /*) ;;
+    */*) IMAGENBD=$(pwd)/$IMAGENBD ;;
+esac
+if [ ! -x "$IMAGENBD" ]; then
+    echo "$test_name: FAIL: imagenbd binary not found or not executable: $IMAGENBD" \
+         "(build it, or set IMAGENBD=/path/to/imagenbd)" >&2
+    exit 1
+fi
+
+# ---------------------------------------------------------------------------
+# Temporary directory and cleanup
+
+_tmp_parent=${IMAGENBD_TEST_TMP:-${TMPDIR:-/tmp}}
+mkdir -p "$_tmp_parent"
+tmpdir=$(mktemp -d "$_tmp_parent/$test_name.XXXXXX")
+# Unix socket paths are limited to 107 bytes; fall back to /tmp for deep build trees.
+if [ ${#tmpdir} -le 80 ]; then
+    sockdir=$tmpdir
+else
+    sockdir=$(mktemp -d /tmp/imagenbd-sock.XXXXXX)
+fi
+
+# Run in the temporary directory, so that nothing a client drops in its working
+# directory (fio's verify state, for one) lands in the source tree.
+cd "$tmpdir"
+
+declare -a _cleanup_hooks=()
+declare -a _imagenbd_pids=()      # every server started by this test
+declare -a _imagenbd_logs=()
+declare -A _imagenbd_stopped=()   # pid -> 1 once stop_imagenbd reaped it
+
+# cleanup_fn CMD [ARGS...]: run CMD when the test exits, for any reason (last in, first run).
+cleanup_fn ()
+{
+    _cleanup_hooks+=("$(printf '%q ' "$@")")
+}
+
+# kill_quietly PID...: SIGTERM processes that may already be gone (for cleanup_fn).
+kill_quietly ()
+{
+    local p
+    for p in "$@"; do kill "$p" 2>/dev/null || :; done
+}
+
+# dump_imagenbd_log [LOGFILE]: print a server log (default: every server of this test).
+dump_imagenbd_log ()
+{
+    local log
+    local -a logs=("$@")
+    [ $# -eq 0 ] && logs=("${_imagenbd_logs[@]}")
+    for log in "${logs[@]}"; do
+        echo "===== imagenbd log: $log =====" >&2
+        if [ -s "$log" ]; then tail -n 300 "$log" >&2; else echo "(empty)" >&2; fi
+        echo "===== end of $log =====" >&2
+    done
+}
+
+_run_cleanup ()
+{
+    local status=$? i pid
+    set +e +x
+    trap '' INT QUIT TERM EXIT
+    for (( i = ${#_cleanup_hooks[@]} - 1; i >= 0; --i )); do
+        eval "${_cleanup_hooks[i]}"
+    done
+    for pid in "${_imagenbd_pids[@]}"; do
+        [ -n "${_imagenbd_stopped[$pid]:-}" ] && continue
+        if _alive "$pid"; then
+            kill -TERM "$pid" 2>/dev/null
+            i=0
+            while _alive "$pid" && [ "$i" -lt 50 ]; do
+                sleep 0.1
+                i=$(( i + 1 ))
+            done
+            _alive "$pid" && kill -KILL "$pid" 2>/dev/null
+        fi
+        wait "$pid" 2>/dev/null
+    done
+    if [ "$status" -ne 0 ] && [ "$status" -ne 77 ]; then
+        dump_imagenbd_log
+        echo "$test_name: exit status $status; keeping $tmpdir" >&2
+    else
+        rm -rf "$tmpdir"
+    fi
+    [ "$sockdir" != "$tmpdir" ] && rm -rf "$sockdir"
+    exit "$status"
+}
+trap _run_cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+trap 'exit 131' QUIT
+
+# _alive PID: the process exists and is not a zombie.
+_alive ()
+{
+    local state
+    state=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
+# ---------------------------------------------------------------------------
+# Starting and stopping the server
+
+# The subcommand start_imagenbd uses ("serve"; test-cli.sh also tries none).
+imagenbd_subcommand=serve
+
+# start_imagenbd [SERVE-ARGS...]: run "$IMAGENBD serve --pid-file F SERVE-ARGS" in the
+# background and wait (up to 10 s) until it has written its pidfile.  Unless the
+# arguments choose a listener (-k/--socket, -p/--port), a Unix socket in $sockdir is
+# added.  Sets:
+#   imagenbd_pid  imagenbd_log  imagenbd_pidfile
+#   sock          the Unix socket ("" if the caller chose the listener)
+#   port          "" (start_imagenbd_tcp sets it)
+#   uri           URI of the default export; see also nbd_uri NAME
+start_imagenbd ()
+{
+    local n=$(( ${#_imagenbd_pids[@]} + 1 )) a own_listener= i content
+    local -a listen=() verbose=()
+    for a in "$@"; do
+        case "$a" in
+            -k|--socket|--socket=*|-p|--port|--port=*) own_listener=1 ;;
+        esac
+    done
+    sock= port= uri=
+    if [ -z "$own_listener" ]; then
+        sock=$sockdir/imagenbd-$n.sock
+        listen=(-k "$sock")
+        uri="nbd+unix:///?socket=$sock"
+    fi
+    [ "${IMAGENBD_TEST_VERBOSE:-0}" = 1 ] && verbose=(-v)
+    imagenbd_pidfile=$tmpdir/imagenbd-$n.pid
+    imagenbd_log=$tmpdir/imagenbd-$n.log
+    rm -f "$imagenbd_pidfile"
+
+    echo "$test_name: starting: $IMAGENBD $imagenbd_subcommand --pid-file $imagenbd_pidfile ${listen[*]} ${verbose[*]} $*" >&2
+    "$IMAGENBD" $imagenbd_subcommand --pid-file "$imagenbd_pidfile" "${listen[@]}" "${verbose[@]}" "$@" \
+        </dev/null >"$imagenbd_log" 2>&1 &
+    imagenbd_pid=$!
+    _imagenbd_pids+=("$imagenbd_pid")
+    _imagenbd_logs+=("$imagenbd_log")
+
+    for (( i = 0; i < 100; ++i )); do
+        [ -s "$imagenbd_pidfile" ] && break
+        if ! _alive "$imagenbd_pid"; then
+            local status=0
+            wait "$imagenbd_pid" || status=$?
+            _imagenbd_stopped[$imagenbd_pid]=1
+            fail "imagenbd exited (status $status) before writing its pidfile; args: $*"
+        fi
+        sleep 0.1
+    done
+    [ -s "$imagenbd_pidfile" ] ||
+        fail "imagenbd did not write its pidfile $imagenbd_pidfile within 10 s"
+    # The pidfile must hold our child's pid (allow for a write in progress).
+    for (( i = 0; i < 10; ++i )); do
+        content=$(tr -d '[:space:]' <"$imagenbd_pidfile")
+        [ "$content" = "$imagenbd_pid" ] && break
+        sleep 0.1
+    done
+    [ "$content" = "$imagenbd_pid" ] ||
+        fail "pidfile holds '$content', expected the server pid $imagenbd_pid"
+    if [ -n "$sock" ] && [ ! -S "$sock" ]; then
+        fail "pidfile written but no Unix socket at $sock (pidfile must mean 'listening')"
+    fi
+}
+
+# start_imagenbd_tcp [SERVE-ARGS...]: like start_imagenbd, on 127.0.0.1 and a free TCP
+# port.  Sets port and uri=nbd://127.0.0.1:PORT/.
+start_imagenbd_tcp ()
+{
+    local p
+    p=$(free_port)
+    start_imagenbd -b 127.0.0.1 -p "$p" "$@"
+    port=$p
+    uri="nbd://127.0.0.1:$port/"
+}
+
+# nbd_uri [NAME]: URI of export NAME on the most recently started server.
+nbd_uri ()
+{
+    local name=${1:-}
+    if [ -n "$sock" ]; then
+        echo "nbd+unix:///$name?socket=$sock"
+    elif [ -n "$port" ]; then
+        echo "nbd://127.0.0.1:$port/$name"
+    else
+        fail "nbd_uri: the server was started with a caller-chosen listener"
+    fi
+}
+
+# stop_imagenbd [PID [SIGNAL]]: send SIGTERM (or SIGNAL) to the server (default: the
+# latest) and require a graceful exit -- see wait_imagenbd_exit.
+stop_imagenbd ()
+{
+    local pid=${1:-$imagenbd_pid} sig=${2:-TERM} status=0
+    [ -n "${_imagenbd_stopped[$pid]:-}" ] && fail "stop_imagenbd: $pid was already stopped"
+    _alive "$pid" || {
+        wait "$pid" || status=$?
+        _imagenbd_stopped[$pid]=1
+        fail "imagenbd (pid $pid) died before it was stopped (exit status $status)"
+    }
+    kill "-$sig" "$pid"
+    wait_imagenbd_exit "$pid"
+}
+
+# wait_imagenbd_exit [PID [SECONDS]]: wait (default 10 s) for a server that was told to
+# stop, and require exit status 0 -- a graceful stop is part of what we test.
+wait_imagenbd_exit ()
+{
+    local pid=${1:-$imagenbd_pid} secs=${2:-10} i status=0
+    for (( i = 0; i < secs * 10; ++i )); do
+        _alive "$pid" || break
+        sleep 0.1
+    done
+    if _alive "$pid"; then
+        kill -KILL "$pid" 2>/dev/null || :
+        wait "$pid" 2>/dev/null || :
+        _imagenbd_stopped[$pid]=1
+        fail "imagenbd (pid $pid) did not exit within $secs s of being told to stop"
+    fi
+    wait "$pid" || status=$?
+    _imagenbd_stopped[$pid]=1
+    [ "$status" -eq 0 ] || fail "imagenbd (pid $pid) exited with status $status, expected 0"
+}
