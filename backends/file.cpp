@@ -31,9 +31,13 @@ constexpr std::size_t zero_chunk = 1 << 20;  // zeroes written per pwrite when a
 constexpr auto relaxed = std::memory_order_relaxed;
 
 // ENOTSUP == EOPNOTSUPP on Linux; ENOSYS comes from kernels without the call.
-bool unsupported(int e) { return e == EOPNOTSUPP || e == ENOSYS; }
+bool unsupported(int e) {
+  return e == EOPNOTSUPP || e == ENOSYS;
+}
 
-std::string errno_text(int e) { return std::generic_category().message(e); }
+std::string errno_text(int e) {
+  return std::generic_category().message(e);
+}
 
 class File final : public BlockDevice {
  public:
@@ -130,8 +134,8 @@ class File final : public BlockDevice {
 
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     co_await offload([this, offset, length] {
-      const int e = ::posix_fadvise(fd_, static_cast<off_t>(offset),
-                                    static_cast<off_t>(length), POSIX_FADV_WILLNEED);
+      const int e = ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length),
+                                    POSIX_FADV_WILLNEED);
       if (e != 0) fail_sys(e, fmt::format("posix_fadvise at offset {} length {}", offset, length));
     });
   }
@@ -143,7 +147,8 @@ class File final : public BlockDevice {
   }
 
   void check_writable(std::string_view what) const {
-    if (read_only_) fail(std::errc::operation_not_permitted, "file: {}: {} on a read-only file", path_, what);
+    if (read_only_)
+      fail(std::errc::operation_not_permitted, "file: {}: {} on a read-only file", path_, what);
   }
 
   [[noreturn]] void fail_fast_zero(WriteFlags flags) const {
@@ -173,7 +178,8 @@ class File final : public BlockDevice {
           ::pread(fd_, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        fail_sys(errno, fmt::format("read at offset {} length {}", offset + done, out.size() - done));
+        fail_sys(errno,
+                 fmt::format("read at offset {} length {}", offset + done, out.size() - done));
       }
       if (n == 0) {
         fail(std::errc::io_error,
@@ -212,7 +218,8 @@ class File final : public BlockDevice {
           sync_after = true;
           continue;
         }
-        fail_sys(errno, fmt::format("write at offset {} length {}", offset + done, in.size() - done));
+        fail_sys(errno,
+                 fmt::format("write at offset {} length {}", offset + done, in.size() - done));
       }
       done += static_cast<std::size_t>(n);
     }
@@ -227,8 +234,8 @@ class File final : public BlockDevice {
 
   // fallocate(mode) over the range. Returns false when the file system or device cannot do
   // it (remembered in `supported`, so we stop asking); throws on real errors.
-  bool try_fallocate(int mode, std::atomic<bool>& supported, std::string_view what,
-                     uint64_t offset, uint64_t length) {
+  bool try_fallocate(int mode, std::atomic<bool>& supported, std::string_view what, uint64_t offset,
+                     uint64_t length) {
     if (!supported.load(relaxed)) return false;
     while (::fallocate(fd_, mode, static_cast<off_t>(offset), static_cast<off_t>(length)) < 0) {
       if (errno == EINTR) continue;
@@ -236,6 +243,8 @@ class File final : public BlockDevice {
         supported.store(false, relaxed);
         return false;
       }
+      // Block devices want sector-aligned ranges; this one range falls back (as in nbdkit).
+      if (errno == EINVAL && block_device_) return false;
       fail_sys(errno, fmt::format("fallocate {} at offset {} length {}", what, offset, length));
     }
     // Punched or zeroed ranges may be reported as holes by SEEK_HOLE (unwritten extents).
@@ -249,8 +258,8 @@ class File final : public BlockDevice {
   }
 
   bool zero_range(uint64_t offset, uint64_t length) {
-    return try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, can_zero_range_,
-                         "ZERO_RANGE", offset, length);
+    return try_fallocate(FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, can_zero_range_, "ZERO_RANGE",
+                         offset, length);
   }
 
   void write_zeroes(uint64_t offset, uint64_t length) {
@@ -303,7 +312,7 @@ class File final : public BlockDevice {
   const bool block_device_;
   Caps caps_;
   std::atomic<bool> may_have_holes_;  // false: fully allocated, extents() needs no syscall
-  std::atomic<bool> nowait_reads_{false};
+  std::atomic<bool> nowait_reads_{true};
   std::atomic<bool> nowait_writes_{true};
   std::atomic<bool> can_punch_{true};
   std::atomic<bool> can_zero_range_{true};
@@ -330,9 +339,9 @@ DevicePtr open_file(const std::string& path, const FileOptions& options) {
            path);
     }
     if (!options.read_only && (e == EACCES || e == EPERM || e == EROFS)) {
-      throw Error(static_cast<std::errc>(e),
-                  fmt::format("file: {}: {} (use --read-only to serve it read-only)", path,
-                              errno_text(e)));
+      throw Error(
+          static_cast<std::errc>(e),
+          fmt::format("file: {}: {} (use --read-only to serve it read-only)", path, errno_text(e)));
     }
     throw Error(static_cast<std::errc>(e), fmt::format("file: {}: {}", path, errno_text(e)));
   }
@@ -357,13 +366,12 @@ DevicePtr open_file(const std::string& path, const FileOptions& options) {
     fail_errno(errno, fmt::format("file: {}: ioctl BLKGETSIZE64", path));
   }
   // A fully allocated file has no holes to report until we punch one.
-  const bool may_have_holes =
-      !block_device && static_cast<uint64_t>(st.st_blocks) * 512 < size;
+  const bool may_have_holes = !block_device && static_cast<uint64_t>(st.st_blocks) * 512 < size;
 
   log::debug("file: {}: opened{}, {} bytes{}", path, options.read_only ? " read-only" : "", size,
              block_device ? ", block device" : "");
-  auto device = std::make_shared<File>(path, fd.fd, size, options.read_only, block_device,
-                                       may_have_holes);
+  auto device =
+      std::make_shared<File>(path, fd.fd, size, options.read_only, block_device, may_have_holes);
   fd.fd = -1;  // owned by the device now
   return device;
 }

@@ -37,32 +37,31 @@ class Memory final : public BlockDevice {
   asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out) override {
     assert(offset + out.size() <= size_);
     std::shared_lock lock(mutex_);
-    for_each_piece(offset, out.size(), [&](uint64_t index, uint64_t in_page, std::size_t done,
-                                            std::size_t n) {
-      auto it = pages_.find(index);
-      if (it == pages_.end()) {
-        std::memset(out.data() + done, 0, n);
-      } else {
-        std::memcpy(out.data() + done, it->second.get() + in_page, n);
-      }
-    });
+    for_each_piece(offset, out.size(),
+                   [&](uint64_t index, uint64_t in_page, std::size_t done, std::size_t n) {
+                     auto it = pages_.find(index);
+                     if (it == pages_.end()) {
+                       std::memset(out.data() + done, 0, n);
+                     } else {
+                       std::memcpy(out.data() + done, it->second.get() + in_page, n);
+                     }
+                   });
     co_return;
   }
 
-  asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in,
-                              WriteFlags) override {
+  asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in, WriteFlags) override {
     assert(offset + in.size() <= size_);
     std::unique_lock lock(mutex_);
-    for_each_piece(offset, in.size(), [&](uint64_t index, uint64_t in_page, std::size_t done,
-                                          std::size_t n) {
-      auto it = pages_.find(index);
-      if (it == pages_.end()) {
-        if (is_zero(in.data() + done, n)) return;  // stays a hole
-        // make_unique<T[]> value-initialises: a new page is all zeroes.
-        it = pages_.emplace(index, std::make_unique<std::byte[]>(page_size)).first;
-      }
-      std::memcpy(it->second.get() + in_page, in.data() + done, n);
-    });
+    for_each_piece(offset, in.size(),
+                   [&](uint64_t index, uint64_t in_page, std::size_t done, std::size_t n) {
+                     auto it = pages_.find(index);
+                     if (it == pages_.end()) {
+                       if (is_zero(in.data() + done, n)) return;  // stays a hole
+                       // make_unique<T[]> value-initialises: a new page is all zeroes.
+                       it = pages_.emplace(index, std::make_unique<std::byte[]>(page_size)).first;
+                     }
+                     std::memcpy(it->second.get() + in_page, in.data() + done, n);
+                   });
     co_return;
   }
 
@@ -112,7 +111,8 @@ class Memory final : public BlockDevice {
     for (std::size_t done = 0; done < length;) {
       const uint64_t pos = offset + done;
       const uint64_t in_page = pos % page_size;
-      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(page_size - in_page, length - done));
+      const std::size_t n =
+          static_cast<std::size_t>(std::min<uint64_t>(page_size - in_page, length - done));
       fn(pos / page_size, in_page, done, n);
       done += n;
     }

@@ -27,7 +27,8 @@ constexpr uint32_t vdi_signature = 0xBEDA107F;
 constexpr uint64_t probe_bytes = 512;  // read at each end of the image
 
 bool has_vhd_cookie(std::span<const std::byte> at) {
-  return at.size() >= sizeof vhd_cookie && std::memcmp(at.data(), vhd_cookie, sizeof vhd_cookie) == 0;
+  return at.size() >= sizeof vhd_cookie &&
+         std::memcmp(at.data(), vhd_cookie, sizeof vhd_cookie) == 0;
 }
 
 uint32_t load_le32(const std::byte* p) {
@@ -35,7 +36,9 @@ uint32_t load_le32(const std::byte* p) {
          static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24;
 }
 
-std::string_view upper_name(Format format) { return format == Format::vhd ? "VHD" : "VDI"; }
+std::string_view upper_name(Format format) {
+  return format == Format::vhd ? "VHD" : "VDI";
+}
 
 }  // namespace
 
@@ -44,15 +47,20 @@ Format parse_format(std::string_view name) {
   if (name == "vhd" || name == "vpc") return Format::vhd;
   if (name == "vdi") return Format::vdi;
   if (name == "auto") return Format::automatic;
-  throw std::invalid_argument(fmt::format("unknown image format '{}' (known: raw, vhd, vdi)", name));
+  throw std::invalid_argument(
+      fmt::format("unknown image format '{}' (known: raw, vhd, vdi)", name));
 }
 
 std::string_view format_name(Format format) {
   switch (format) {
-    case Format::automatic: return "auto";
-    case Format::raw: return "raw";
-    case Format::vhd: return "vhd";
-    case Format::vdi: return "vdi";
+    case Format::automatic:
+      return "auto";
+    case Format::raw:
+      return "raw";
+    case Format::vhd:
+      return "vhd";
+    case Format::vdi:
+      return "vdi";
   }
   return "?";
 }
@@ -85,7 +93,8 @@ asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options) {
     log::debug("open_image: {}: probed format {}", child->describe(), format_name(format));
   }
   if (format == Format::raw) {
-    co_return open_raw(std::move(child), RawOptions{.read_only = options.read_only, .probed = probed});
+    co_return open_raw(std::move(child),
+                       RawOptions{.read_only = options.read_only, .probed = probed});
   }
   if (probed) {
     backends::fail(std::errc::operation_not_supported,
@@ -93,9 +102,10 @@ asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options) {
                    "bytes as they are)",
                    child->describe(), upper_name(format), upper_name(format));
   }
-  backends::fail(std::errc::operation_not_supported,
-                 "{}: {} support is not built yet (use --format=raw to serve the bytes as they are)",
-                 child->describe(), upper_name(format));
+  backends::fail(
+      std::errc::operation_not_supported,
+      "{}: {} support is not built yet (use --format=raw to serve the bytes as they are)",
+      child->describe(), upper_name(format));
 }
 
 }  // namespace imagenbd::formats

@@ -31,9 +31,12 @@ constexpr uint64_t probe_bytes = 512;  // what open_image reads at each end
 
 std::string_view upper_name(Format format) {
   switch (format) {
-    case Format::vhd: return "VHD";
-    case Format::vdi: return "VDI";
-    default: return "another format";
+    case Format::vhd:
+      return "VHD";
+    case Format::vdi:
+      return "VDI";
+    default:
+      return "another format";
   }
 }
 
@@ -101,15 +104,18 @@ class Raw final : public backends::BlockDevice {
   }
 
   // Builds the probe window at `at` as it will be after the write: the child's bytes,
-  // overlaid with the part of `in` that falls inside it.
+  // overlaid with the part of `in` that falls inside it. A window the write does not touch
+  // is left empty: it probed as raw at open, and every write that could change that comes
+  // through here.
   asio::awaitable<std::vector<std::byte>> window_after(uint64_t at, uint64_t offset,
                                                        std::span<const std::byte> in) {
-    std::vector<std::byte> window(probe_length_);
     const uint64_t from = std::max(at, offset);
     const uint64_t to = std::min(at + probe_length_, offset + in.size());
+    if (from >= to) co_return std::vector<std::byte>{};
+    std::vector<std::byte> window(probe_length_);
     const bool covered = from == at && to == at + probe_length_;
     if (!covered) co_await child_->read(at, window);
-    if (from < to) std::memcpy(window.data() + (from - at), in.data() + (from - offset), to - from);
+    std::memcpy(window.data() + (from - at), in.data() + (from - offset), to - from);
     co_return window;
   }
 

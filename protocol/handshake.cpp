@@ -78,7 +78,7 @@ std::size_t utf8_length(std::string_view text, std::size_t i) {
 std::string message_string(std::string_view text) {
   std::string out;
   for (std::size_t i = 0; i < text.size();) {
-    std::size_t length = utf8_length(text, i);
+    const std::size_t length = utf8_length(text, i);
     const bool control = length == 1 && (static_cast<unsigned char>(text[i]) < 0x20 ||
                                          static_cast<unsigned char>(text[i]) == 0x7F);
     const std::string_view piece = length == 0 || control ? "?" : text.substr(i, length);
@@ -111,13 +111,15 @@ std::vector<std::byte> Handshake::greeting() {
 
 std::vector<std::string> Handshake::take_events() { return std::exchange(events_, {}); }
 
+// Events and close reasons quote client bytes and end up in logs: sanitised like messages,
+// so a newline in an export name cannot forge a log line.
 void Handshake::event(std::string text) {
-  if (events_.size() < 1024) events_.push_back(std::move(text));
+  if (events_.size() < 1024) events_.push_back(message_string(text));
 }
 
 void Handshake::close(std::string reason) {
   state_ = State::closed;
-  close_reason_ = std::move(reason);
+  close_reason_ = message_string(reason);
 }
 
 std::size_t Handshake::feed(std::span<const std::byte> in, std::vector<std::byte>& out) {

@@ -143,22 +143,20 @@ asio::awaitable<bool> Session::handshake() {
   protocol::Handshake hs(*exports_);
   // Slow or silent clients must not hold a connection forever (qemu CVE-2024-7409).
   asio::steady_timer deadline(socket_.get_executor(), options_.handshake_timeout);
-  bool done = false;
-  deadline.async_wait([this, &done](boost::system::error_code ec) {
-    if (ec || done) return;
-    log::warn("{}: handshake not finished after {} ms, closing", peer_,
-              options_.handshake_timeout.count());
-    boost::system::error_code ignored;
-    socket_.shutdown(asio::socket_base::shutdown_both, ignored);
+  deadline.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (ec || self->handshake_done_) return;
+    log::warn("{}: handshake not finished after {} ms, closing", self->peer_,
+              self->options_.handshake_timeout.count());
+    self->socket_.shutdown(asio::socket_base::shutdown_both, ec);
   });
   struct Disarm {
+    Session& s;
     asio::steady_timer& t;
-    bool& done;
     ~Disarm() {
-      done = true;
+      s.handshake_done_ = true;
       t.cancel();
     }
-  } disarm{deadline, done};
+  } disarm{*this, deadline};
 
   if (stopping_) co_return false;
   auto greeting = protocol::Handshake::greeting();
@@ -243,6 +241,11 @@ asio::awaitable<void> Session::transmission() {
     }
     const Errno invalid = stopping_ ? Errno::shutdown : validate_request(r, limits_);
     const bool has_payload = r.command() == Cmd::write;
+    // Every request holds a slot of the in-flight budget until its reply is written, so a
+    // client that does not read its replies stops being read from (backpressure).
+    const uint64_t bytes =
+        invalid == Errno::ok && (has_payload || r.command() == Cmd::read) ? r.length : 0;
+    co_await acquire(bytes);
     if (invalid != Errno::ok) {
       // The payload of a refused write is read and dropped, so the stream stays in step.
       if (has_payload) co_await discard(r.length);
@@ -253,8 +256,6 @@ asio::awaitable<void> Session::transmission() {
       continue;
     }
 
-    const uint64_t bytes = (has_payload || r.command() == Cmd::read) ? r.length : 0;
-    co_await acquire(bytes);
     Buffer payload;
     if (has_payload) {
       payload = Buffer(r.length);
@@ -268,28 +269,29 @@ asio::awaitable<void> Session::transmission() {
                                   asio::buffer(payload.data() + buffered, r.length - buffered),
                                   asio::redirect_error(asio::use_awaitable, ec));
         if (ec) {
-          --in_flight_;
-          in_flight_bytes_ -= bytes;
+          release(bytes);
           co_return;
         }
       }
     }
-    asio::co_spawn(ex, handle(r, std::move(payload)), [self, bytes](std::exception_ptr ep) {
-      if (ep) {
-        try {
-          std::rethrow_exception(ep);
-        } catch (const std::exception& e) {
-          log::error("{}: request handler failed: {}", self->peer_, e.what());
-        }
+    asio::co_spawn(ex, handle(r, std::move(payload), bytes), [self](std::exception_ptr ep) {
+      if (!ep) return;
+      try {
+        std::rethrow_exception(ep);
+      } catch (const std::exception& e) {
+        log::error("{}: request handler failed: {}", self->peer_, e.what());
       }
-      --self->in_flight_;
-      self->in_flight_bytes_ -= bytes;
-      self->progress_.notify();
     });
   }
 }
 
-asio::awaitable<void> Session::handle(Request r, Buffer payload) {
+void Session::release(uint64_t bytes) {
+  --in_flight_;
+  in_flight_bytes_ -= bytes;
+  progress_.notify();
+}
+
+asio::awaitable<void> Session::handle(Request r, Buffer payload, uint64_t budget) {
   Reply reply;
   Errno result = Errno::ok;
   std::string failure;
@@ -360,6 +362,7 @@ asio::awaitable<void> Session::handle(Request r, Buffer payload) {
     reply_error(r, result, failure, reply);
   }
   log_request(r, result);
+  reply.budget = budget;
   send(std::move(reply));
 }
 
@@ -475,7 +478,10 @@ void Session::log_request(const Request& r, Errno result) const {
 }
 
 void Session::send(Reply reply) {
-  if (broken_) return;
+  if (broken_) {
+    release(reply.budget);
+    return;
+  }
   queue_.push_back(std::move(reply));
   if (!writing_) {
     writing_ = true;
@@ -502,12 +508,14 @@ asio::awaitable<void> Session::write_loop() {
     }
     boost::system::error_code ec;
     co_await asio::async_write(socket_, gather, asio::redirect_error(asio::use_awaitable, ec));
+    for (const auto& rep : sending) release(rep.budget);
     sending.clear();
     if (ec) {
       if (ec != asio::error::broken_pipe && ec != asio::error::connection_reset) {
         log::info("{}: write failed: {}", peer_, ec.message());
       }
       broken_ = true;
+      for (const auto& rep : queue_) release(rep.budget);
       queue_.clear();
       // The client is gone: stop reading too.
       socket_.shutdown(asio::socket_base::shutdown_both, ec);

@@ -71,6 +71,7 @@ class Session : public std::enable_shared_from_this<Session> {
     boost::container::small_vector<std::byte, 64> head;
     boost::container::small_vector<Piece, 4> pieces;
     Buffer payload;
+    uint64_t budget = 0;  // in-flight bytes this request holds until the reply is written
     std::byte* add_head(std::size_t n);
     void add_payload(std::size_t offset, std::size_t n);
   };
@@ -90,7 +91,8 @@ class Session : public std::enable_shared_from_this<Session> {
   asio::awaitable<bool> fill(std::size_t wanted);  // false on EOF or error
   asio::awaitable<void> discard(uint64_t length);
   asio::awaitable<void> acquire(uint64_t bytes);
-  asio::awaitable<void> handle(protocol::Request request, Buffer payload);
+  void release(uint64_t bytes);
+  asio::awaitable<void> handle(protocol::Request request, Buffer payload, uint64_t budget);
   asio::awaitable<void> do_read(const protocol::Request& r, Reply& reply);
   asio::awaitable<void> do_block_status(const protocol::Request& r, Reply& reply);
   asio::awaitable<void> write_loop();
@@ -127,6 +129,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool writing_ = false;
   bool broken_ = false;  // a socket write failed: drop further replies
   bool stopping_ = false;
+  bool handshake_done_ = false;  // disarms the handshake deadline
   bool wrote_data_ = false;
   SessionStats stats_;
 };

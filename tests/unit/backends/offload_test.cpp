@@ -21,14 +21,15 @@ using imagenbd::test::run;
 
 TEST_CASE("offload returns the value computed on a pool thread, back on the caller's thread") {
   const auto caller = std::this_thread::get_id();
-  auto [worker, after, value] = run([]() -> asio::awaitable<std::tuple<std::thread::id, std::thread::id, std::string>> {
-    std::thread::id worker;
-    std::string value = co_await offload([&worker] {
-      worker = std::this_thread::get_id();
-      return std::string("from the pool");
-    });
-    co_return std::tuple{worker, std::this_thread::get_id(), value};
-  }());
+  auto [worker, after, value] =
+      run([]() -> asio::awaitable<std::tuple<std::thread::id, std::thread::id, std::string>> {
+        std::thread::id worker;
+        std::string value = co_await offload([&worker] {
+          worker = std::this_thread::get_id();
+          return std::string("from the pool");
+        });
+        co_return std::tuple{worker, std::this_thread::get_id(), value};
+      }());
   CHECK(value == "from the pool");
   CHECK(worker != caller);
   CHECK(after == caller);

@@ -154,8 +154,7 @@ TEST_CASE("open_image: images smaller than 512 bytes, and empty ones") {
   run(tiny->write(10, bytes("conectix"), {}));  // not at a probe position
   CHECK(run(open_image(tiny, {}))->size() == 100);
   run(tiny->write(0, bytes("conectix"), {}));
-  CHECK(error_of([&] { run(open_image(tiny, {})); }).errc() ==
-        std::errc::operation_not_supported);
+  CHECK(error_of([&] { run(open_image(tiny, {})); }).errc() == std::errc::operation_not_supported);
 }
 
 TEST_CASE("open_image: read_only reaches the raw layer") {

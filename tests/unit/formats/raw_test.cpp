@@ -28,8 +28,8 @@ std::vector<std::byte> bytes(std::string_view s) {
   return v;
 }
 
-const auto vdi_signature = std::vector<std::byte>{std::byte{0x7f}, std::byte{0x10},
-                                                  std::byte{0xda}, std::byte{0xbe}};
+const auto vdi_signature =
+    std::vector<std::byte>{std::byte{0x7f}, std::byte{0x10}, std::byte{0xda}, std::byte{0xbe}};
 
 std::vector<std::byte> read(BlockDevice& d, uint64_t offset, std::size_t n) {
   std::vector<std::byte> v(n);
@@ -73,9 +73,8 @@ TEST_CASE("raw: forwards everything to its child") {
 }
 
 TEST_CASE("raw: child errors come through unchanged") {
-  auto raw = open_raw(std::make_shared<FaultyDevice>(open_memory(MiB), 2,
-                                                     std::errc::no_space_on_device),
-                      {});
+  auto raw = open_raw(
+      std::make_shared<FaultyDevice>(open_memory(MiB), 2, std::errc::no_space_on_device), {});
   run(raw->write(0, bytes("ok"), {}));  // call 1
   const Error e = error_of([&] { run(raw->write(0, bytes("full"), {})); });
   CHECK(e.errc() == std::errc::no_space_on_device);

@@ -15,10 +15,11 @@ namespace {
 using namespace imagenbd::protocol;
 
 // Every (fast_zero, df) combination.
-constexpr std::pair<bool, bool> all_flags[] = {{false, false}, {true, false}, {false, true}, {true, true}};
+constexpr std::pair<bool, bool> all_flags[] = {
+    {false, false}, {true, false}, {false, true}, {true, true}};
 
-constexpr Errno all_errors[] = {Errno::ok,    Errno::perm,     Errno::io,
-                                Errno::nomem, Errno::inval,    Errno::nospc,
+constexpr Errno all_errors[] = {Errno::ok,       Errno::perm,   Errno::io,
+                                Errno::nomem,    Errno::inval,  Errno::nospc,
                                 Errno::overflow, Errno::notsup, Errno::shutdown};
 
 }  // namespace

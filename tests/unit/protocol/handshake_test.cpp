@@ -121,14 +121,22 @@ std::string hex(std::span<const std::byte> b, std::size_t limit = 48) {
 }
 
 // Client frames (§2, §3, §4).
-Bytes client_flags(uint32_t flags) { return Build().u32(flags); }
+Bytes client_flags(uint32_t flags) {
+  return Build().u32(flags);
+}
 Bytes opt_header(uint32_t option, uint32_t length, uint64_t magic = spec::ihaveopt) {
   return Build().u64(magic).u32(option).u32(length);
 }
 Bytes opt(uint32_t option, const Bytes& payload = {}) {
-  return Build().u64(spec::ihaveopt).u32(option).u32(static_cast<uint32_t>(payload.size())).raw(payload);
+  return Build()
+      .u64(spec::ihaveopt)
+      .u32(option)
+      .u32(static_cast<uint32_t>(payload.size()))
+      .raw(payload);
 }
-Bytes opt_text(uint32_t option, std::string_view text) { return opt(option, Build().str(text)); }
+Bytes opt_text(uint32_t option, std::string_view text) {
+  return opt(option, Build().str(text));
+}
 // INFO/GO payload: u32 name length + name + u16 n + n x u16 info type.
 Bytes info_request(std::string_view name, std::initializer_list<uint16_t> types) {
   Build b;
@@ -153,7 +161,9 @@ Bytes rep(uint32_t option, uint32_t type, const Bytes& data = {}) {
       .u32(static_cast<uint32_t>(data.size()))
       .raw(data);
 }
-Bytes ack(uint32_t option) { return rep(option, spec::rep_ack); }
+Bytes ack(uint32_t option) {
+  return rep(option, spec::rep_ack);
+}
 Bytes server_reply(std::string_view name, std::string_view description) {
   return rep(spec::opt_list, spec::rep_server,
              Build().u32(static_cast<uint32_t>(name.size())).str(name).str(description));
@@ -188,13 +198,14 @@ Bytes a_request() {
 // The catalog: "disk0" (default, has a description) and "ro" (read-only, no description).
 
 constexpr uint64_t disk0_size = 1ull << 30;
-constexpr uint16_t disk0_flags = 0x0d6d;     // HAS_FLAGS FLUSH FUA TRIM ZEROES MULTI_CONN CACHE FAST_ZERO
+constexpr uint16_t disk0_flags =
+    0x0d6d;  // HAS_FLAGS FLUSH FUA TRIM ZEROES MULTI_CONN CACHE FAST_ZERO
 constexpr uint16_t disk0_flags_df = 0x0ded;  // ... plus SEND_DF (bit 7) after STRUCTURED_REPLY
 constexpr uint64_t ro_size = 12345;
-constexpr uint16_t ro_flags = 0x0007;        // HAS_FLAGS READ_ONLY FLUSH
+constexpr uint16_t ro_flags = 0x0007;  // HAS_FLAGS READ_ONLY FLUSH
 constexpr uint16_t ro_flags_df = 0x0087;
 constexpr uint32_t max_payload = 32u << 20;
-const std::string long_name(4096, 'x');      // the longest legal export name
+const std::string long_name(4096, 'x');  // the longest legal export name
 
 class FakeCatalog final : public ExportCatalog {
  public:
@@ -226,14 +237,15 @@ ExportInfo make_export(std::string name, std::string description, uint64_t size,
 }
 
 const ExportCatalog& standard_catalog() {
-  static const FakeCatalog catalog{{make_export("disk0", "first disk", disk0_size, disk0_flags, 512),
-                                    make_export("ro", "", ro_size, ro_flags, 1)}};
+  static const FakeCatalog catalog{
+      {make_export("disk0", "first disk", disk0_size, disk0_flags, 512),
+       make_export("ro", "", ro_size, ro_flags, 1)}};
   return catalog;
 }
 const ExportCatalog& long_name_catalog() {
-  static const FakeCatalog catalog{{make_export("disk0", "first disk", disk0_size, disk0_flags, 512),
-                                    make_export("ro", "", ro_size, ro_flags, 1),
-                                    make_export(long_name, "", 4096, 0x0001, 1)}};
+  static const FakeCatalog catalog{
+      {make_export("disk0", "first disk", disk0_size, disk0_flags, 512),
+       make_export("ro", "", ro_size, ro_flags, 1), make_export(long_name, "", 4096, 0x0001, 1)}};
   return catalog;
 }
 
@@ -261,15 +273,17 @@ const Bytes fixed = client_flags(spec::c_fixed_newstyle | spec::c_no_zeroes);
 
 // One expected server frame: exact bytes, or an error reply whose message text is free.
 struct Expect {
-  Expect(Bytes b) : exact(std::move(b)) {}         // NOLINT: implicit on purpose
-  Expect(const Build& b) : exact(Bytes(b)) {}       // NOLINT: implicit on purpose
+  Expect(Bytes b) : exact(std::move(b)) {}     // NOLINT: implicit on purpose
+  Expect(const Build& b) : exact(Bytes(b)) {}  // NOLINT: implicit on purpose
   Expect(uint32_t option_, uint32_t type_) : error(true), option(option_), type(type_) {}
   Bytes exact;
   bool error = false;
   uint32_t option = 0;
   uint32_t type = 0;
 };
-Expect err(uint32_t option, uint32_t type) { return {option, type}; }
+Expect err(uint32_t option, uint32_t type) {
+  return {option, type};
+}
 
 struct Summary {
   std::string export_name;
@@ -283,7 +297,7 @@ struct Summary {
 
 struct Transcript {
   std::string name;
-  Bytes input;                  // everything the client sends after the greeting
+  Bytes input;                   // everything the client sends after the greeting
   std::vector<Expect> expected;  // everything the server sends after the greeting
   State state = State::negotiating;
   std::size_t unconsumed = 0;  // input bytes left over once the state left negotiating
@@ -305,9 +319,12 @@ struct Outcome {
 
 std::string state_name(State s) {
   switch (s) {
-    case State::negotiating: return "negotiating";
-    case State::transmission: return "transmission";
-    case State::closed: return "closed";
+    case State::negotiating:
+      return "negotiating";
+    case State::transmission:
+      return "transmission";
+    case State::closed:
+      return "closed";
   }
   return "?";
 }
@@ -344,8 +361,8 @@ Outcome run(const Transcript& t, std::span<const std::size_t> cuts) {
   o.close_reason = hs.close_reason();
   if (o.state == State::transmission) {
     const auto& n = hs.negotiated();
-    o.negotiated = Summary{n.export_info.name, n.export_info.size,   n.transmission_flags,
-                           n.structured_replies, n.no_zeroes, n.base_allocation_id};
+    o.negotiated = Summary{n.export_info.name,   n.export_info.size, n.transmission_flags,
+                           n.structured_replies, n.no_zeroes,        n.base_allocation_id};
   }
   return o;
 }
@@ -438,7 +455,8 @@ std::string mismatch(const Bytes& out, const std::vector<Expect>& expected) {
       return where + ": bad error message length " + std::to_string(length);
     }
     const std::string bad = bad_string(rest.subspan(20, length));
-    if (!bad.empty()) return where + ": error message " + bad + ": " + hex(rest.subspan(20, length), 4200);
+    if (!bad.empty())
+      return where + ": error message " + bad + ": " + hex(rest.subspan(20, length), 4200);
     pos += 20 + length;
   }
   if (pos != out.size()) {
@@ -582,14 +600,8 @@ TEST_CASE("non-fixed newstyle client: EXPORT_NAME only") {
        .expected = {export_name_reply(ro_size, ro_flags, false)},
        .state = State::transmission,
        .negotiated = Summary{"ro", ro_size, ro_flags, false, true, std::nullopt}},
-      {.name = "LIST closes",
-       .input = cat({old, list}),
-       .expected = {},
-       .state = State::closed},
-      {.name = "GO closes",
-       .input = cat({old, go_disk0}),
-       .expected = {},
-       .state = State::closed},
+      {.name = "LIST closes", .input = cat({old, list}), .expected = {}, .state = State::closed},
+      {.name = "GO closes", .input = cat({old, go_disk0}), .expected = {}, .state = State::closed},
       {.name = "ABORT closes without a reply",
        .input = cat({old, opt(spec::opt_abort)}),
        .expected = {},
@@ -634,12 +646,14 @@ TEST_CASE("NBD_OPT_LIST") {
   check_all({
       {.name = "SERVER with name and description per export, then ACK",
        .input = cat({fixed, list}),
+       // clang-format off
        .expected = {Build()
                         .u64(spec::option_reply_magic).u32(3).u32(2).u32(4 + 5 + 10)
                         .u32(5).str("disk0").str("first disk")
                         .u64(spec::option_reply_magic).u32(3).u32(2).u32(4 + 2)
                         .u32(2).str("ro")
                         .u64(spec::option_reply_magic).u32(3).u32(1).u32(0)}},
+      // clang-format on
       {.name = "with data: ERR_INVALID, then in sync",
        .input = cat({fixed, opt_text(spec::opt_list, "disk0"), list}),
        .expected = {err(spec::opt_list, spec::rep_err_invalid), list_replies()}},
@@ -675,17 +689,16 @@ TEST_CASE("NBD_OPT_INFO and NBD_OPT_GO") {
   using namespace spec;
   check_all({
       {.name = "INFO stays negotiating, GO enters transmission, with the same answers",
-       .input = cat({fixed,
-                     opt(opt_info, info_request("disk0", {info_name, info_description, info_block_size})),
-                     opt(opt_go, info_request("disk0", {info_name, info_description, info_block_size})),
-                     a_request()}),
+       .input = cat(
+           {fixed,
+            opt(opt_info, info_request("disk0", {info_name, info_description, info_block_size})),
+            opt(opt_go, info_request("disk0", {info_name, info_description, info_block_size})),
+            a_request()}),
        .expected = {rep_info_export(opt_info, disk0_size, disk0_flags),
-                    rep_info_name(opt_info, "disk0"),
-                    rep_info_description(opt_info, "first disk"),
+                    rep_info_name(opt_info, "disk0"), rep_info_description(opt_info, "first disk"),
                     rep_info_block_size(opt_info, 512, 4096, max_payload), ack(opt_info),
                     rep_info_export(opt_go, disk0_size, disk0_flags),
-                    rep_info_name(opt_go, "disk0"),
-                    rep_info_description(opt_go, "first disk"),
+                    rep_info_name(opt_go, "disk0"), rep_info_description(opt_go, "first disk"),
                     rep_info_block_size(opt_go, 512, 4096, max_payload), ack(opt_go)},
        .state = State::transmission,
        .unconsumed = 28,
@@ -695,12 +708,14 @@ TEST_CASE("NBD_OPT_INFO and NBD_OPT_GO") {
        .expected = {plain_ro(opt_info, false), list_replies()}},
       {.name = "GO with zero info requests (the kernel's nbd-client)",
        .input = cat({fixed, go_disk0}),
+       // clang-format off
        .expected = {Build()
                         .u64(option_reply_magic).u32(7).u32(3).u32(12)
                         .u16(0).u64(disk0_size).u16(disk0_flags)
                         .u64(option_reply_magic).u32(7).u32(3).u32(14)
                         .u16(3).u32(512).u32(4096).u32(max_payload)
                         .u64(option_reply_magic).u32(7).u32(1).u32(0)},
+       // clang-format on
        .state = State::transmission},
       {.name = "GO for the default export names the canonical export",
        .input = cat({fixed, opt(opt_go, info_request("", {info_name}))}),
@@ -716,18 +731,18 @@ TEST_CASE("NBD_OPT_INFO and NBD_OPT_GO") {
        .state = State::transmission,
        .negotiated = Summary{"ro", ro_size, ro_flags, false, true, std::nullopt}},
       {.name = "duplicated info requests are answered once",
-       .input = cat({fixed, opt(opt_info, info_request("disk0", {info_name, info_block_size, info_name,
-                                                                 info_export, info_description,
-                                                                 info_description, info_export,
-                                                                 info_block_size}))}),
+       .input = cat({fixed, opt(opt_info, info_request("disk0", {info_name, info_block_size,
+                                                                 info_name, info_export,
+                                                                 info_description, info_description,
+                                                                 info_export, info_block_size}))}),
        .expected = {rep_info_export(opt_info, disk0_size, disk0_flags),
-                    rep_info_name(opt_info, "disk0"),
-                    rep_info_description(opt_info, "first disk"),
+                    rep_info_name(opt_info, "disk0"), rep_info_description(opt_info, "first disk"),
                     rep_info_block_size(opt_info, 512, 4096, max_payload), ack(opt_info)}},
       {.name = "unknown info types are ignored",
        .input = cat({fixed, opt(opt_info, info_request("disk0", {4, 0x7fff, 0x8000, 0xffff})),
                      opt(opt_info, info_request("disk0", {0xffff, info_name, 4}))}),
-       .expected = {plain_disk0(opt_info, false), rep_info_export(opt_info, disk0_size, disk0_flags),
+       .expected = {plain_disk0(opt_info, false),
+                    rep_info_export(opt_info, disk0_size, disk0_flags),
                     rep_info_name(opt_info, "disk0"),
                     rep_info_block_size(opt_info, 512, 4096, max_payload), ack(opt_info)}},
       {.name = "4096-byte export name accepted by INFO and GO",
@@ -774,11 +789,12 @@ TEST_CASE("malformed NBD_OPT_INFO/GO payloads: ERR_INVALID, payload consumed, st
   std::vector<Transcript> transcripts;
   for (uint32_t option : {opt_info, opt_go}) {
     for (const auto& [what, payload] : bad) {
-      transcripts.push_back({.name = std::string(option == opt_go ? "GO: " : "INFO: ") + what,
-                             .input = cat({fixed, opt(option, payload), go_ro}),
-                             .expected = {err(option, rep_err_invalid), plain_ro(opt_go, false)},
-                             .state = State::transmission,
-                             .negotiated = Summary{"ro", ro_size, ro_flags, false, true, std::nullopt}});
+      transcripts.push_back(
+          {.name = std::string(option == opt_go ? "GO: " : "INFO: ") + what,
+           .input = cat({fixed, opt(option, payload), go_ro}),
+           .expected = {err(option, rep_err_invalid), plain_ro(opt_go, false)},
+           .state = State::transmission,
+           .negotiated = Summary{"ro", ro_size, ro_flags, false, true, std::nullopt}});
     }
   }
   check_all(transcripts);
@@ -841,11 +857,10 @@ TEST_CASE("meta contexts before structured replies: ERR_INVALID") {
   using namespace spec;
   check_all({
       {.name = "LIST_META_CONTEXT and SET_META_CONTEXT refused, then allowed after SR",
-       .input = cat({fixed, opt(opt_list_meta_context, meta_request("disk0", {"base:allocation"})),
-                     opt(opt_set_meta_context, meta_request("disk0", {"base:allocation"})),
-                     structured_reply,
-                     opt(opt_list_meta_context, meta_request("disk0", {"base:allocation"})),
-                     go_disk0}),
+       .input = cat(
+           {fixed, opt(opt_list_meta_context, meta_request("disk0", {"base:allocation"})),
+            opt(opt_set_meta_context, meta_request("disk0", {"base:allocation"})), structured_reply,
+            opt(opt_list_meta_context, meta_request("disk0", {"base:allocation"})), go_disk0}),
        .expected = {err(opt_list_meta_context, rep_err_invalid),
                     err(opt_set_meta_context, rep_err_invalid), ack(opt_structured_reply),
                     rep_meta(opt_list_meta_context, 0, "base:allocation"),
@@ -874,11 +889,13 @@ TEST_CASE("NBD_OPT_LIST_META_CONTEXT") {
   check_all({
       {.name = "0 queries lists base:allocation with id 0",
        .input = cat({sr, list_meta("disk0", {})}),
+       // clang-format off
        .expected = {Build()
                         .raw(ack(opt_structured_reply))
                         .u64(option_reply_magic).u32(9).u32(4).u32(4 + 15)
                         .u32(0).str("base:allocation")
                         .u64(option_reply_magic).u32(9).u32(1).u32(0)}},
+      // clang-format on
       {.name = "query base:allocation",
        .input = cat({sr, list_meta("disk0", {"base:allocation"})}),
        .expected = {listed}},
@@ -913,8 +930,8 @@ TEST_CASE("NBD_OPT_SET_META_CONTEXT") {
   auto set = [](std::string_view name, std::initializer_list<std::string_view> queries) {
     return opt(opt_set_meta_context, meta_request(name, queries));
   };
-  const Bytes selected = cat({rep_meta(opt_set_meta_context, 1, "base:allocation"),
-                              ack(opt_set_meta_context)});
+  const Bytes selected =
+      cat({rep_meta(opt_set_meta_context, 1, "base:allocation"), ack(opt_set_meta_context)});
   const Bytes none = ack(opt_set_meta_context);
   const Bytes sr_ack = ack(opt_structured_reply);
   const Summary on{"disk0", disk0_size, disk0_flags_df, true, true, 1u};
@@ -922,12 +939,14 @@ TEST_CASE("NBD_OPT_SET_META_CONTEXT") {
   check_all({
       {.name = "base:allocation, then GO of the same export",
        .input = cat({sr, set("disk0", {"base:allocation"}), go_disk0}),
+       // clang-format off
        .expected = {Build()
                         .raw(sr_ack)
                         .u64(option_reply_magic).u32(10).u32(4).u32(4 + 15)
                         .u32(1).str("base:allocation")
                         .u64(option_reply_magic).u32(10).u32(1).u32(0)
                         .raw(plain_disk0(opt_go, true))},
+       // clang-format on
        .state = State::transmission,
        .negotiated = on},
       {.name = "then EXPORT_NAME of the same export",
@@ -941,20 +960,20 @@ TEST_CASE("NBD_OPT_SET_META_CONTEXT") {
        .state = State::transmission,
        .negotiated = on},
       {.name = "INFO in between keeps the selection",
-       .input = cat({sr, set("disk0", {"base:allocation"}),
-                     opt(opt_info, info_request("ro", {})), go_disk0}),
+       .input = cat({sr, set("disk0", {"base:allocation"}), opt(opt_info, info_request("ro", {})),
+                     go_disk0}),
        .expected = {sr_ack, selected, plain_ro(opt_info, true), plain_disk0(opt_go, true)},
        .state = State::transmission,
        .negotiated = on},
       {.name = "unknown queries next to base:allocation are ignored",
-       .input = cat({sr, set("disk0", {"qemu:allocation-depth", "base:allocation", "base:x"}),
-                     go_disk0}),
+       .input = cat(
+           {sr, set("disk0", {"qemu:allocation-depth", "base:allocation", "base:x"}), go_disk0}),
        .expected = {sr_ack, selected, plain_disk0(opt_go, true)},
        .state = State::transmission,
        .negotiated = on},
       {.name = "a later SET of another export, then GO of that one",
-       .input = cat({sr, set("ro", {"base:allocation"}), set("disk0", {"base:allocation"}),
-                     go_disk0}),
+       .input =
+           cat({sr, set("ro", {"base:allocation"}), set("disk0", {"base:allocation"}), go_disk0}),
        .expected = {sr_ack, selected, selected, plain_disk0(opt_go, true)},
        .state = State::transmission,
        .negotiated = on},
@@ -979,8 +998,8 @@ TEST_CASE("NBD_OPT_SET_META_CONTEXT") {
        .state = State::transmission,
        .negotiated = off},
       {.name = "replaced by a SET failing with ERR_UNKNOWN",
-       .input = cat({sr, set("disk0", {"base:allocation"}), set("nope", {"base:allocation"}),
-                     go_disk0}),
+       .input =
+           cat({sr, set("disk0", {"base:allocation"}), set("nope", {"base:allocation"}), go_disk0}),
        .expected = {sr_ack, selected, err(opt_set_meta_context, rep_err_unknown),
                     plain_disk0(opt_go, true)},
        .state = State::transmission,
@@ -1023,8 +1042,8 @@ TEST_CASE("malformed meta context payloads: ERR_INVALID, payload consumed, still
   };
   std::vector<Transcript> transcripts;
   const Bytes select = opt(opt_set_meta_context, meta_request("disk0", {"base:allocation"}));
-  const Bytes selected = cat({rep_meta(opt_set_meta_context, 1, "base:allocation"),
-                              ack(opt_set_meta_context)});
+  const Bytes selected =
+      cat({rep_meta(opt_set_meta_context, 1, "base:allocation"), ack(opt_set_meta_context)});
   for (uint32_t option : {opt_list_meta_context, opt_set_meta_context}) {
     for (const auto& [what, payload] : bad) {
       // A failed SET drops the earlier selection; a failed LIST leaves it alone.
@@ -1283,7 +1302,9 @@ TEST_CASE("INFO and GO agree on size and flags (protocol.md §23)") {
       const auto& e = go_replies.front();
       REQUIRE(e.type == rep_info);
       REQUIRE(e.data.size() == 12);
-      Bytes expected_export = Build().u16(info_export).u64(hs.negotiated().export_info.size)
+      Bytes expected_export = Build()
+                                  .u16(info_export)
+                                  .u64(hs.negotiated().export_info.size)
                                   .u16(hs.negotiated().transmission_flags);
       CHECK(e.data == expected_export);
       CHECK(go_replies.back().type == rep_ack);
@@ -1344,14 +1365,14 @@ TEST_CASE("names longer than 4096 bytes never reach the catalog") {
 TEST_CASE("error messages stay valid NBD strings whatever names the client sends") {
   using namespace spec;
   const std::vector<std::string> names = {
-      std::string("a\0b", 3),        // NUL
-      "two\nlines",                  // control characters
+      std::string("a\0b", 3),  // NUL
+      "two\nlines",            // control characters
       "tab\there\x7f",
-      "\xff\xfe",                    // not UTF-8
-      "cut \xc3",                    // truncated sequence
-      "\xe0\x80\x80",                // overlong
-      "\xed\xa0\x80",                // surrogate
-      "\xf4\x90\x80\x80",            // past U+10FFFF
+      "\xff\xfe",                                       // not UTF-8
+      "cut \xc3",                                       // truncated sequence
+      "\xe0\x80\x80",                                   // overlong
+      "\xed\xa0\x80",                                   // surrogate
+      "\xf4\x90\x80\x80",                               // past U+10FFFF
       "disque-\xc3\xa9-\xe2\x82\xac-\xf0\x9d\x84\x9e",  // valid UTF-8, unknown
   };
   std::vector<Transcript> transcripts;

@@ -62,14 +62,14 @@ Bytes cat(std::initializer_list<Bytes> parts) {
 }
 
 // magic, flags FUA|FAST_ZERO, type WRITE_ZEROES, cookie, offset 2^32+512, length 1 MiB.
-const Bytes write_zeroes_request = hex(
-    "25609513 0011 0006 0102030405060708 0000000100000200 00100000");
+const Bytes write_zeroes_request =
+    hex("25609513 0011 0006 0102030405060708 0000000100000200 00100000");
 // magic, no flags, READ, cookie 0xfedcba9876543210, offset 0, length 4096.
 const Bytes read_request = hex("25609513 0000 0000 fedcba9876543210 0000000000000000 00001000");
 
 bool same(const Request& a, const Request& b) {
-  return a.flags == b.flags && a.type == b.type && a.cookie == b.cookie &&
-         a.offset == b.offset && a.length == b.length;
+  return a.flags == b.flags && a.type == b.type && a.cookie == b.cookie && a.offset == b.offset &&
+         a.length == b.length;
 }
 
 // Decodes a stream of requests fed in pieces cut at `cuts`, the way a session would:
@@ -187,7 +187,8 @@ TEST_CASE("decode_request: exact fields from a known byte sequence") {
 
   // All ones everywhere but the magic; an unknown command number is kept for the server
   // to refuse.
-  const auto ones = decode_request(hex("25609513 ffff ffff ffffffffffffffff ffffffffffffffff ffffffff"));
+  const auto ones =
+      decode_request(hex("25609513 ffff ffff ffffffffffffffff ffffffffffffffff ffffffff"));
   REQUIRE(ones.status == DecodeStatus::ok);
   CHECK(ones.request.flags == 0xffff);
   CHECK(ones.request.type == 0xffff);
@@ -209,10 +210,11 @@ TEST_CASE("decode_request: need_more for every prefix shorter than 28 bytes") {
 TEST_CASE("decode_request: bad magic") {
   // Extended-header request, the pre-2.1.116 request magic, the transaction-log marker,
   // the reply magics and a byte-swapped magic.
-  for (const char* magic : {"21e41c71", "12560953", "25609514", "67446698", "668e33ef",
-                            "13956025", "00000000"}) {
+  for (const char* magic :
+       {"21e41c71", "12560953", "25609514", "67446698", "668e33ef", "13956025", "00000000"}) {
     CAPTURE(magic);
-    const Bytes frame = cat({hex(magic), hex("0000 0000 0000000000000001 0000000000000000 00000200")});
+    const Bytes frame =
+        cat({hex(magic), hex("0000 0000 0000000000000001 0000000000000000 00000200")});
     REQUIRE(frame.size() == 28);
     CHECK(decode_request(frame).status == DecodeStatus::bad_magic);
   }
@@ -231,8 +233,7 @@ TEST_CASE("decode_request: two back-to-back requests, and extra bytes are not re
   CHECK(second.request.cookie == 0xfedcba9876543210ULL);
   CHECK(second.request.offset == 0);
   CHECK(second.request.length == 4096);
-  CHECK(decode_request(std::span(two).subspan(2 * request_size)).status ==
-        DecodeStatus::need_more);
+  CHECK(decode_request(std::span(two).subspan(2 * request_size)).status == DecodeStatus::need_more);
 }
 
 TEST_CASE("decode_request: a stream split at every byte decodes the same") {
@@ -510,12 +511,12 @@ TEST_CASE("decode_reply_header: bad magic") {
 
 TEST_CASE("decode_reply_header: a reply stream split at every byte decodes the same") {
   // Simple reply, OFFSET_DATA (4 data bytes), OFFSET_HOLE, NONE, simple reply.
-  const Bytes stream = hex(
-      "67446698 00000000 0000000000000001"
-      "668e33ef 0000 0001 0000000000000002 0000000c 0000000000000000 61626364"
-      "668e33ef 0000 0002 0000000000000002 0000000c 0000000000000004 00000200"
-      "668e33ef 0001 0000 0000000000000002 00000000"
-      "67446698 00000005 0000000000000003");
+  const Bytes stream =
+      hex("67446698 00000000 0000000000000001"
+          "668e33ef 0000 0001 0000000000000002 0000000c 0000000000000000 61626364"
+          "668e33ef 0000 0002 0000000000000002 0000000c 0000000000000004 00000200"
+          "668e33ef 0001 0000 0000000000000002 00000000"
+          "67446698 00000005 0000000000000003");
   // Header fields as text, one line per reply; payloads skipped by length.
   auto decode = [&](const std::vector<std::size_t>& cuts) {
     std::string log;
@@ -553,8 +554,7 @@ TEST_CASE("decode_reply_header: a reply stream split at every byte decodes the s
     return log + " left " + std::to_string(buffer.size());
   };
   const std::string whole = decode({});
-  CHECK(whole ==
-        "simple 0 1;chunk 0 1 2 12;chunk 0 2 2 12;chunk 1 0 2 0;simple 5 3; left 0");
+  CHECK(whole == "simple 0 1;chunk 0 1 2 12;chunk 0 2 2 12;chunk 1 0 2 0;simple 5 3; left 0");
   for (std::size_t k = 0; k <= stream.size(); ++k) {
     CAPTURE(k);
     CHECK(decode({k}) == whole);

@@ -62,7 +62,8 @@ class FaultyDevice final : public backends::BlockDevice {
  private:
   void count(std::string_view what) {
     const int call = ++calls_;
-    if (call == fail_call_) backends::fail(code_, "faulty: injected failure of call {} ({})", call, what);
+    if (call == fail_call_)
+      backends::fail(code_, "faulty: injected failure of call {} ({})", call, what);
   }
 
   backends::DevicePtr child_;
