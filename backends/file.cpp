@@ -1,5 +1,6 @@
 // The file leaf. Reads and buffered writes first try the page cache inline with RWF_NOWAIT,
-// so a cache hit costs no thread hop; whatever may block (the rest of a read, FUA writes,
+// so a cache hit costs no thread hop; page-aligned buffered writes also run inline while
+// they stay fast (see write()); whatever may block (the rest of a read, FUA writes,
 // fdatasync, fallocate, lseek, fadvise) runs on the blocking pool (backends/offload.hpp).
 // One fd serves every connection, so one fdatasync covers them all (multi-conn).
 // Limits: the size is fixed at open; no O_DIRECT.
@@ -16,6 +17,7 @@
 #include <atomic>
 #include <cassert>
 #include <cerrno>
+#include <chrono>
 #include <system_error>
 
 #include "backends/error.hpp"
@@ -29,6 +31,9 @@ namespace {
 constexpr std::size_t max_extents = 1024;    // per extents() call; callers ask again
 constexpr std::size_t zero_chunk = 1 << 20;  // zeroes written per pwrite when all else fails
 constexpr auto relaxed = std::memory_order_relaxed;
+// An inline write slower than this was throttled or blocked: pause inline writes.
+constexpr auto inline_write_slow = std::chrono::microseconds(500);
+constexpr auto inline_write_pause = std::chrono::milliseconds(100);
 
 // ENOTSUP == EOPNOTSUPP on Linux; ENOSYS comes from kernels without the call.
 bool unsupported(int e) {
@@ -85,9 +90,9 @@ class File final : public BlockDevice {
       co_return;
     }
     const std::size_t done = write_nowait(offset, in);
-    if (done < in.size()) {
-      co_await offload([this, offset, in, done] { write_rest(offset, in, done, 0); });
-    }
+    if (done == in.size()) co_return;
+    if (done == 0 && write_inline(offset, in)) co_return;
+    co_await offload([this, offset, in, done] { write_rest(offset, in, done, 0); });
   }
 
   asio::awaitable<void> flush() override {
@@ -205,6 +210,32 @@ class File final : public BlockDevice {
     }
   }
 
+  // File systems without buffered RWF_NOWAIT writes (ext4) would send every write through
+  // the pool, and the two thread hops cost more than the write (measured: 4 KiB random
+  // writes at QD32 went from ~30k to ~75k IOPS inline). A buffered write blocks only to
+  // read a partial page that is not cached, or when writeback throttles dirty pages. So a
+  // page-aligned write runs inline on the caller's thread, unless an inline write was
+  // slow recently (throttling): then the pool takes writes for a while, and this thread
+  // stays free for the other connections it serves.
+  bool write_inline(uint64_t offset, std::span<const std::byte> in) {
+    constexpr uint64_t page = 4096;
+    if (offset % page != 0 || in.size() % page != 0) return false;
+    using clock = std::chrono::steady_clock;
+    const clock::time_point start = clock::now();
+    if (start.time_since_epoch().count() < inline_writes_paused_until_.load(relaxed)) {
+      return false;
+    }
+    write_rest(offset, in, 0, 0);
+    const clock::duration took = clock::now() - start;
+    if (took > inline_write_slow) {
+      inline_writes_paused_until_.store(
+          (start + took + inline_write_pause).time_since_epoch().count(), relaxed);
+      log::debug("file: {}: a write took {} us inline; using the thread pool for a while", path_,
+                 std::chrono::duration_cast<std::chrono::microseconds>(took).count());
+    }
+    return true;
+  }
+
   // Writes in[done..] with blocking pwritev2 calls, each with rwf (0 or RWF_DSYNC).
   void write_rest(uint64_t offset, std::span<const std::byte> in, std::size_t done, int rwf) {
     bool sync_after = false;
@@ -314,6 +345,7 @@ class File final : public BlockDevice {
   std::atomic<bool> may_have_holes_;  // false: fully allocated, extents() needs no syscall
   std::atomic<bool> nowait_reads_{true};
   std::atomic<bool> nowait_writes_{true};
+  std::atomic<std::chrono::steady_clock::rep> inline_writes_paused_until_{0};
   std::atomic<bool> can_punch_{true};
   std::atomic<bool> can_zero_range_{true};
 };

@@ -117,20 +117,33 @@ ServeCommand parse_serve(int argc, char** argv) {
   ::optind = 0;  // full reset: parse_serve may be called more than once (tests)
   ::opterr = 0;
   int c;
-  while ((c = getopt_long(argc, argv, "+:p:b:k:e:tx:D:rf:vqhV", long_options, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, ":p:b:k:e:tx:D:rf:vqhV", long_options, nullptr)) != -1) {
     const std::string arg = optarg ? optarg : "";
     switch (c) {
       case 'p':
         cmd.server.listen.port = static_cast<uint16_t>(parse_number(arg, "--port", 65535));
         port_given = true;
         break;
-      case 'b': cmd.server.listen.bind_addresses.push_back(arg); break;
-      case 'k': cmd.server.listen.unix_paths.push_back(arg); break;
-      case 'e': cmd.server.max_clients = parse_number(arg, "--shared", 1u << 20); break;
-      case 't': break;
-      case 'x': export_name = arg; break;
-      case 'D': description = arg; break;
-      case 'r': read_only = true; break;
+      case 'b':
+        cmd.server.listen.bind_addresses.push_back(arg);
+        break;
+      case 'k':
+        cmd.server.listen.unix_paths.push_back(arg);
+        break;
+      case 'e':
+        cmd.server.max_clients = parse_number(arg, "--shared", 1u << 20);
+        break;
+      case 't':
+        break;
+      case 'x':
+        export_name = arg;
+        break;
+      case 'D':
+        description = arg;
+        break;
+      case 'r':
+        read_only = true;
+        break;
       case 'f':
         try {
           format = formats::parse_format(arg);
@@ -138,32 +151,47 @@ ServeCommand parse_serve(int argc, char** argv) {
           throw UsageError(e.what());
         }
         break;
-      case opt_threads: cmd.server.threads = parse_number(arg, "--threads", 1024); break;
+      case opt_threads:
+        cmd.server.threads = parse_number(arg, "--threads", 1024);
+        break;
       case opt_blocking_threads:
         cmd.blocking_threads = parse_number(arg, "--blocking-threads", 4096);
         break;
-      case opt_pid_file: cmd.server.pid_file = arg; break;
+      case opt_pid_file:
+        cmd.server.pid_file = arg;
+        break;
       case opt_handshake_timeout:
         cmd.server.session.handshake_timeout =
             std::chrono::seconds(parse_number(arg, "--handshake-timeout", 86400));
         break;
-      case 'v': ++verbosity; break;
+      case 'v':
+        ++verbosity;
+        break;
       case opt_debug: {
         std::string_view list = arg;
         while (!list.empty()) {
           auto comma = list.find(',');
           auto item = list.substr(0, comma);
-          if (item == "control") cmd.log.control_debug = true;
-          else if (item == "data") cmd.log.data_debug = true;
-          else throw UsageError("unknown --debug switch '" + std::string(item) +
-                                "' (known: control, data)");
+          if (item == "control")
+            cmd.log.control_debug = true;
+          else if (item == "data")
+            cmd.log.data_debug = true;
+          else
+            throw UsageError("unknown --debug switch '" + std::string(item) +
+                             "' (known: control, data)");
           list = comma == std::string_view::npos ? "" : list.substr(comma + 1);
         }
         break;
       }
-      case 'q': cmd.log.level = log::Level::warning; break;
-      case 'h': cmd.help = true; return cmd;
-      case 'V': cmd.version = true; return cmd;
+      case 'q':
+        cmd.log.level = log::Level::warning;
+        break;
+      case 'h':
+        cmd.help = true;
+        return cmd;
+      case 'V':
+        cmd.version = true;
+        return cmd;
       case ':':
         throw UsageError(std::string("option ") + argv[optind - 1] + " needs a value");
       default:

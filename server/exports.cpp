@@ -39,11 +39,16 @@ uint64_t parse_size(std::string_view text) {
   auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
   std::string_view suffix(end, static_cast<std::size_t>(text.data() + text.size() - end));
   unsigned shift = 0;
-  if (suffix == "K" || suffix == "k" || suffix == "KiB") shift = 10;
-  else if (suffix == "M" || suffix == "MiB") shift = 20;
-  else if (suffix == "G" || suffix == "GiB") shift = 30;
-  else if (suffix == "T" || suffix == "TiB") shift = 40;
-  else if (!suffix.empty()) ec = std::errc::invalid_argument;
+  if (suffix == "K" || suffix == "k" || suffix == "KiB")
+    shift = 10;
+  else if (suffix == "M" || suffix == "MiB")
+    shift = 20;
+  else if (suffix == "G" || suffix == "GiB")
+    shift = 30;
+  else if (suffix == "T" || suffix == "TiB")
+    shift = 40;
+  else if (!suffix.empty())
+    ec = std::errc::invalid_argument;
   if (ec != std::errc{} || end == text.data() || (shift && value > (UINT64_MAX >> shift))) {
     throw std::invalid_argument("invalid size '" + std::string(text) +
                                 "' (expected a number of bytes, optionally with K, M, G or T)");
@@ -63,8 +68,8 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
   auto e = std::make_shared<Export>();
   e->name = spec.name;
   e->description = spec.description;
-  e->device = co_await formats::open_image(
-      leaf, {.format = spec.format, .read_only = spec.read_only});
+  e->device =
+      co_await formats::open_image(leaf, {.format = spec.format, .read_only = spec.read_only});
   co_return e;
 }
 

@@ -6,8 +6,8 @@
 #include <unistd.h>
 
 #include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/ip/v6_only.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
 #include <stdexcept>
 
 #include "backends/log.hpp"
@@ -53,7 +53,8 @@ std::unique_ptr<Listener> bind_unix(asio::io_context& ctx, const std::string& pa
   struct stat st {};
   if (::lstat(path.c_str(), &st) == 0) {
     if (!S_ISSOCK(st.st_mode)) {
-      throw std::runtime_error("cannot listen on " + path + ": the file exists and is not a socket");
+      throw std::runtime_error("cannot listen on " + path +
+                               ": the file exists and is not a socket");
     }
     asio::local::stream_protocol::socket probe(ctx);
     boost::system::error_code ec;
@@ -65,7 +66,8 @@ std::unique_ptr<Listener> bind_unix(asio::io_context& ctx, const std::string& pa
     ::unlink(path.c_str());
   }
   generic::endpoint gep(asio::local::stream_protocol::endpoint{path});
-  auto l = std::unique_ptr<Listener>(new Listener{asio::basic_socket_acceptor<generic>(ctx), "unix:" + path, false, path});
+  auto l = std::unique_ptr<Listener>(
+      new Listener{asio::basic_socket_acceptor<generic>(ctx), "unix:" + path, false, path});
   boost::system::error_code ec;
   l->acceptor.open(gep.protocol(), ec);
   if (!ec) l->acceptor.bind(gep, ec);
@@ -95,7 +97,8 @@ std::vector<std::unique_ptr<Listener>> open_listeners(asio::io_context& ctx,
     boost::system::error_code ec;
     auto results = resolver.resolve(address, std::to_string(spec.port),
                                     tcp::resolver::passive | tcp::resolver::numeric_service, ec);
-    if (ec) throw std::runtime_error("cannot resolve bind address '" + address + "': " + ec.message());
+    if (ec)
+      throw std::runtime_error("cannot resolve bind address '" + address + "': " + ec.message());
     for (const auto& r : results) out.push_back(bind_tcp(ctx, r.endpoint()));
   }
   return out;

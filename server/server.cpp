@@ -8,8 +8,8 @@
 
 #include <cstdio>
 #include <cstring>
-#include <functional>
 #include <fstream>
+#include <functional>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/executor_work_guard.hpp>
@@ -35,9 +35,9 @@ std::string peer_name(const Socket& socket, const Listener& listener) {
     asio::ip::tcp::endpoint tep;
     std::memcpy(tep.data(), ep.data(), ep.size());
     tep.resize(ep.size());
-    return tep.address().is_v6() ? "[" + tep.address().to_string() + "]:" +
-                                       std::to_string(tep.port())
-                                 : tep.address().to_string() + ":" + std::to_string(tep.port());
+    return tep.address().is_v6()
+               ? "[" + tep.address().to_string() + "]:" + std::to_string(tep.port())
+               : tep.address().to_string() + ":" + std::to_string(tep.port());
   }
   return "client";
 }
@@ -46,7 +46,8 @@ std::string peer_name(const Socket& socket, const Listener& listener) {
 
 Server::Server(ServerOptions options, std::shared_ptr<const ExportRegistry> exports)
     : options_(std::move(options)), exports_(std::move(exports)) {
-  unsigned n = options_.threads ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
+  unsigned n =
+      options_.threads ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
   for (unsigned i = 0; i < n; ++i) workers_.push_back(std::make_unique<asio::io_context>(1));
 }
 
@@ -79,18 +80,18 @@ void Server::run() {
   }
 
   asio::signal_set signals(main_, SIGINT, SIGTERM);
-  std::function<void(boost::system::error_code, int)> on_signal =
-      [&](boost::system::error_code ec, int signo) {
-        if (ec) return;
-        if (stopping_) {
-          log::warn("second signal {}: stopping now, without waiting for clients", signo);
-          std::_Exit(1);
-        }
-        log::notice("signal {} received: stopping (finishing {} connection(s))", signo,
-                    session_count_.load());
-        stop();
-        signals.async_wait(on_signal);
-      };
+  std::function<void(boost::system::error_code, int)> on_signal = [&](boost::system::error_code ec,
+                                                                      int signo) {
+    if (ec) return;
+    if (stopping_) {
+      log::warn("second signal {}: stopping now, without waiting for clients", signo);
+      std::_Exit(1);
+    }
+    log::notice("signal {} received: stopping (finishing {} connection(s))", signo,
+                session_count_.load());
+    stop();
+    signals.async_wait(on_signal);
+  };
   signals.async_wait(on_signal);
 
   for (auto& l : listeners_) {
@@ -141,8 +142,8 @@ asio::awaitable<void> Server::accept_loop(Listener& listener) {
   while (!stopping_) {
     auto& ctx = next_context();
     boost::system::error_code ec;
-    Socket socket = co_await listener.acceptor.async_accept(
-        ctx, asio::redirect_error(asio::use_awaitable, ec));
+    Socket socket =
+        co_await listener.acceptor.async_accept(ctx, asio::redirect_error(asio::use_awaitable, ec));
     if (ec) {
       if (ec == asio::error::operation_aborted || stopping_) co_return;
       // EMFILE and friends: log, pause briefly, keep serving the clients we have.
@@ -168,8 +169,8 @@ asio::awaitable<void> Server::accept_loop(Listener& listener) {
 
 void Server::start_session(Socket socket, std::string peer) {
   auto ex = socket.get_executor();
-  auto session = std::make_shared<Session>(std::move(socket), std::move(peer), exports_,
-                                           options_.session);
+  auto session =
+      std::make_shared<Session>(std::move(socket), std::move(peer), exports_, options_.session);
   {
     std::lock_guard lock(sessions_mutex_);
     sessions_.emplace(session.get(), session);

@@ -30,9 +30,12 @@ constexpr std::size_t max_gather = 512;  // buffers per writev (IOV_MAX is 1024)
 
 uint32_t status_flags(backends::ExtentKind kind) {
   switch (kind) {
-    case backends::ExtentKind::data: return 0;
-    case backends::ExtentKind::zero: return protocol::state::zero;
-    case backends::ExtentKind::hole: return protocol::state::hole | protocol::state::zero;
+    case backends::ExtentKind::data:
+      return 0;
+    case backends::ExtentKind::zero:
+      return protocol::state::zero;
+    case backends::ExtentKind::hole:
+      return protocol::state::hole | protocol::state::zero;
   }
   return 0;
 }
@@ -124,9 +127,9 @@ asio::awaitable<bool> Session::fill(std::size_t wanted) {
       begin_ = 0;
     }
     boost::system::error_code ec;
-    std::size_t n = co_await socket_.async_read_some(
-        asio::buffer(rbuf_.get() + end_, read_buffer_size - end_),
-        asio::redirect_error(asio::use_awaitable, ec));
+    std::size_t n =
+        co_await socket_.async_read_some(asio::buffer(rbuf_.get() + end_, read_buffer_size - end_),
+                                         asio::redirect_error(asio::use_awaitable, ec));
     if (ec) {
       if (ec != asio::error::eof && ec != asio::error::connection_reset &&
           ec != asio::error::operation_aborted && ec != asio::error::bad_descriptor) {
@@ -195,8 +198,8 @@ asio::awaitable<bool> Session::handshake() {
              .block_min = negotiated_.export_info.block_min,
              .block_max = negotiated_.export_info.block_max,
              .block_status = negotiated_.base_allocation_id.has_value()};
-  log::info("{}: connected to export '{}' ({} bytes, {}{})", peer_, export_->name,
-            limits_.size, (limits_.tx_flags & protocol::tx_flag::read_only) ? "read-only" : "read-write",
+  log::info("{}: connected to export '{}' ({} bytes, {}{})", peer_, export_->name, limits_.size,
+            (limits_.tx_flags & protocol::tx_flag::read_only) ? "read-only" : "read-write",
             negotiated_.structured_replies ? ", structured replies" : "");
   co_return true;
 }
@@ -353,8 +356,8 @@ asio::awaitable<void> Session::handle(Request r, Buffer payload, uint64_t budget
   if (result != Errno::ok) {
     // Client mistakes were refused before; what fails here is the storage: say so.
     if (result == Errno::io || result == Errno::nomem) {
-      log::error("{}: {} offset={} length={} failed: {}", peer_,
-                 protocol::name(r.command()), r.offset, r.length, failure);
+      log::error("{}: {} offset={} length={} failed: {}", peer_, protocol::name(r.command()),
+                 r.offset, r.length, failure);
     } else {
       log::debug("{}: {} failed: {}", peer_, protocol::name(r.command()), failure);
     }
@@ -373,8 +376,7 @@ asio::awaitable<void> Session::do_read(const Request& r, Reply& reply) {
 
   if (!structured) {
     co_await device_->read(r.offset, {data, r.length});
-    protocol::encode_simple_reply(reply.add_head(protocol::simple_reply_size), Errno::ok,
-                                  r.cookie);
+    protocol::encode_simple_reply(reply.add_head(protocol::simple_reply_size), Errno::ok, r.cookie);
     reply.add_payload(0, r.length);
     co_return;
   }
@@ -457,8 +459,7 @@ void Session::reply_ok(const Request& r, Reply& reply) {
   protocol::encode_simple_reply(reply.add_head(protocol::simple_reply_size), Errno::ok, r.cookie);
 }
 
-void Session::reply_error(const Request& r, Errno error, std::string_view message,
-                          Reply& reply) {
+void Session::reply_error(const Request& r, Errno error, std::string_view message, Reply& reply) {
   ++stats_.errors;
   if (negotiated_.structured_replies) {
     // Structured clients get the message too; a READ must never get a simple reply.
@@ -536,9 +537,8 @@ asio::awaitable<void> Session::drain_and_close() {
       log::error("{}: flush at disconnect failed: {}", peer_, e.what());
     }
   }
-  log::info("{}: disconnected from '{}' ({} requests, {} errors, {} bytes read, {} written)",
-            peer_, export_->name, stats_.requests, stats_.errors, stats_.bytes_read,
-            stats_.bytes_written);
+  log::info("{}: disconnected from '{}' ({} requests, {} errors, {} bytes read, {} written)", peer_,
+            export_->name, stats_.requests, stats_.errors, stats_.bytes_read, stats_.bytes_written);
 }
 
 }  // namespace imagenbd::server

@@ -122,7 +122,7 @@ class Session : public std::enable_shared_from_this<Session> {
 
   uint32_t in_flight_ = 0;
   uint64_t in_flight_bytes_ = 0;
-  Signal progress_;  // a request finished, or the writer went idle
+  Signal progress_;           // a request finished, or the writer went idle
   asio::steady_timer grace_;  // after stop(): how long requests still get ESHUTDOWN
 
   std::deque<Reply> queue_;

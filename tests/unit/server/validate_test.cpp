@@ -13,17 +13,23 @@ namespace tf = imagenbd::protocol::tx_flag;
 
 namespace {
 
-constexpr uint16_t writable_flags = tf::has_flags | tf::send_flush | tf::send_fua |
-                                    tf::send_trim | tf::send_write_zeroes | tf::send_df |
-                                    tf::send_cache | tf::send_fast_zero | tf::can_multi_conn;
+constexpr uint16_t writable_flags = tf::has_flags | tf::send_flush | tf::send_fua | tf::send_trim |
+                                    tf::send_write_zeroes | tf::send_df | tf::send_cache |
+                                    tf::send_fast_zero | tf::can_multi_conn;
 
 RequestLimits limits(uint16_t flags = writable_flags) {
-  return {.size = 1 << 20, .tx_flags = flags, .block_min = 1, .block_max = 1 << 16,
+  return {.size = 1 << 20,
+          .tx_flags = flags,
+          .block_min = 1,
+          .block_max = 1 << 16,
           .block_status = true};
 }
 
 Request req(Cmd cmd, uint64_t offset, uint32_t length, uint16_t flags = 0) {
-  return {.flags = flags, .type = static_cast<uint16_t>(cmd), .cookie = 7, .offset = offset,
+  return {.flags = flags,
+          .type = static_cast<uint16_t>(cmd),
+          .cookie = 7,
+          .offset = offset,
           .length = length};
 }
 
@@ -37,8 +43,7 @@ TEST_CASE("valid requests pass") {
   CHECK(validate_request(req(Cmd::trim, 0, 1 << 20), limits()) == Errno::ok);
   CHECK(validate_request(req(Cmd::write_zeroes, 0, 1 << 20, cf::no_hole | cf::fast_zero),
                          limits()) == Errno::ok);
-  CHECK(validate_request(req(Cmd::block_status, 0, 1 << 20, cf::req_one), limits()) ==
-        Errno::ok);
+  CHECK(validate_request(req(Cmd::block_status, 0, 1 << 20, cf::req_one), limits()) == Errno::ok);
   CHECK(validate_request(req(Cmd::cache, 0, 1 << 20), limits()) == Errno::ok);
   CHECK(validate_request(req(Cmd::read, 0, 4096, cf::df), limits()) == Errno::ok);
   // Effect lengths of trim/zero/cache may exceed the maximum payload.
@@ -59,13 +64,12 @@ TEST_CASE("past the end: EINVAL for reads, ENOSPC for writes") {
 }
 
 TEST_CASE("zero length and oversized payloads") {
-  for (Cmd c : {Cmd::read, Cmd::write, Cmd::trim, Cmd::write_zeroes, Cmd::cache,
-                Cmd::block_status}) {
+  for (Cmd c :
+       {Cmd::read, Cmd::write, Cmd::trim, Cmd::write_zeroes, Cmd::cache, Cmd::block_status}) {
     CHECK(validate_request(req(c, 0, 0), limits()) == Errno::inval);
   }
   CHECK(validate_request(req(Cmd::read, 0, (1 << 16) + 1), limits()) == Errno::inval);
-  CHECK(validate_request(req(Cmd::read, 0, (1 << 16) + 1, cf::df), limits()) ==
-        Errno::overflow);
+  CHECK(validate_request(req(Cmd::read, 0, (1 << 16) + 1, cf::df), limits()) == Errno::overflow);
   CHECK(validate_request(req(Cmd::write, 0, (1 << 16) + 1), limits()) == Errno::inval);
 }
 
@@ -85,8 +89,8 @@ TEST_CASE("unknown commands and flags") {
         Errno::inval);
   CHECK(validate_request(req(Cmd::write_zeroes, 0, 512, cf::fast_zero),
                          limits(writable_flags & ~tf::send_fast_zero)) == Errno::inval);
-  CHECK(validate_request(req(Cmd::write, 0, 512, cf::fua), limits(writable_flags & ~tf::send_fua)) ==
-        Errno::inval);
+  CHECK(validate_request(req(Cmd::write, 0, 512, cf::fua),
+                         limits(writable_flags & ~tf::send_fua)) == Errno::inval);
   // FUA is accepted on any command once advertised (qemu-io sets it everywhere).
   CHECK(validate_request(req(Cmd::read, 0, 512, cf::fua), limits()) == Errno::ok);
 }
