@@ -109,7 +109,9 @@ std::vector<std::byte> Handshake::greeting() {
   return out;
 }
 
-std::vector<std::string> Handshake::take_events() { return std::exchange(events_, {}); }
+std::vector<std::string> Handshake::take_events() {
+  return std::exchange(events_, {});
+}
 
 // Events and close reasons quote client bytes and end up in logs: sanitised like messages,
 // so a newline in an export name cannot forge a log line.
@@ -133,18 +135,24 @@ std::size_t Handshake::feed(std::span<const std::byte> in, std::vector<std::byte
       if (skip_left_ == 0) {
         reply_error(out, Rep::err_too_big,
                     "option payload of " + std::to_string(option_length_) +
-                        " bytes exceeds the limit of " +
-                        std::to_string(limits_.max_option_length));
+                        " bytes exceeds the limit of " + std::to_string(limits_.max_option_length));
         phase_ = Phase::option_header;
       }
       continue;
     }
     std::size_t want = 0;
     switch (phase_) {
-      case Phase::client_flags: want = 4; break;
-      case Phase::option_header: want = option_header_size; break;
-      case Phase::option_payload: want = option_length_; break;
-      case Phase::option_skip: break;
+      case Phase::client_flags:
+        want = 4;
+        break;
+      case Phase::option_header:
+        want = option_header_size;
+        break;
+      case Phase::option_payload:
+        want = option_length_;
+        break;
+      case Phase::option_skip:
+        break;
     }
     auto n = std::min(want - frame_.size(), rest.size());
     frame_.insert(frame_.end(), rest.begin(), rest.begin() + static_cast<std::ptrdiff_t>(n));
@@ -175,8 +183,7 @@ std::size_t Handshake::feed(std::span<const std::byte> in, std::vector<std::byte
           break;
         }
         if (++options_seen_ > limits_.max_options) {
-          close("client sent too many options (limit " + std::to_string(limits_.max_options) +
-                ")");
+          close("client sent too many options (limit " + std::to_string(limits_.max_options) + ")");
           break;
         }
         if (option_length_ > limits_.max_option_length) {
@@ -311,15 +318,16 @@ void Handshake::option_export_name(std::vector<std::byte>& out) {
     close("NBD_OPT_EXPORT_NAME: unknown export '" + name_asked + "'");
     return;
   }
-  enter_transmission(*info);
+  enter_transmission(*info, false);
   put_be64(out, info->size);
   put_be16(out, negotiated_.transmission_flags);
   if (!no_zeroes_) out.resize(out.size() + export_name_padding, std::byte{0});
   event("NBD_OPT_EXPORT_NAME '" + name_asked + "'");
 }
 
-void Handshake::enter_transmission(const ExportInfo& info) {
+void Handshake::enter_transmission(const ExportInfo& info, bool block_size_requested) {
   negotiated_.export_info = info;
+  negotiated_.block_size_requested = block_size_requested;
   negotiated_.transmission_flags = transmission_flags(info);
   negotiated_.structured_replies = structured_replies_;
   negotiated_.no_zeroes = no_zeroes_;
@@ -357,14 +365,22 @@ void Handshake::option_info_or_go(std::vector<std::byte>& out) {
     reply_error(out, Rep::err_invalid, "malformed NBD_OPT_INFO/GO payload");
     return;
   }
-  bool want_name = false, want_description = false;
+  bool want_name = false, want_description = false, want_block_size = false;
   for (uint16_t i = 0; i < count; ++i) {
     uint16_t type = 0;
     in.u16(type);
     switch (static_cast<Info>(type)) {
-      case Info::name: want_name = true; break;
-      case Info::description: want_description = true; break;
-      default: break;  // EXPORT and BLOCK_SIZE are always sent; unknown types ignored
+      case Info::name:
+        want_name = true;
+        break;
+      case Info::description:
+        want_description = true;
+        break;
+      case Info::block_size:
+        want_block_size = true;
+        break;  // always sent; see below
+      default:
+        break;  // EXPORT is always sent; unknown types are ignored
     }
   }
   auto info = catalog_.lookup(name_asked);
@@ -404,7 +420,7 @@ void Handshake::option_info_or_go(std::vector<std::byte>& out) {
   event(std::string(go ? "NBD_OPT_GO" : "NBD_OPT_INFO") + " '" + std::string(name_asked) +
         "' -> ACK");
 
-  if (go) enter_transmission(*info);
+  if (go) enter_transmission(*info, want_block_size);
 }
 
 void Handshake::option_meta_context(std::vector<std::byte>& out, bool set) {

@@ -43,7 +43,9 @@ class ExportCatalog {
 };
 
 struct HandshakeLimits {
-  uint32_t max_options = 256;              // option rounds before we hang up
+  // Option rounds before we hang up. Generous, because `nbdinfo --list` spends two per
+  // export; slow-loris clients are stopped by the server's handshake deadline instead.
+  uint32_t max_options = 1024;
   uint32_t max_option_length = 64u << 10;  // longer payloads are skipped and get ERR_TOO_BIG
   uint32_t max_meta_queries = 128;         // more queries in one option get ERR_TOO_BIG
 };
@@ -54,6 +56,9 @@ struct Negotiated {
   uint16_t transmission_flags = 0;  // exactly as sent to the client
   bool structured_replies = false;
   bool no_zeroes = false;
+  // The client asked for NBD_INFO_BLOCK_SIZE in GO, so it must obey the sizes we sent.
+  // Clients that did not (EXPORT_NAME, the kernel) get the spec's lenient defaults.
+  bool block_size_requested = false;
   std::optional<uint32_t> base_allocation_id;  // set when base:allocation was selected
 };
 
@@ -90,7 +95,7 @@ class Handshake {
   void option_meta_context(std::vector<std::byte>& out, bool set);
   void option_export_name(std::vector<std::byte>& out);
   void option_list(std::vector<std::byte>& out);
-  void enter_transmission(const ExportInfo& info);
+  void enter_transmission(const ExportInfo& info, bool block_size_requested);
   void reply(std::vector<std::byte>& out, Rep type, std::span<const std::byte> data = {});
   void reply_error(std::vector<std::byte>& out, Rep type, std::string_view message);
   void close(std::string reason);

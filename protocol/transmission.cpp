@@ -43,8 +43,8 @@ void encode_chunk_header(std::byte* out, uint16_t flags, ReplyType type, uint64_
   store_be32(out + 16, payload_length);
 }
 
-void encode_offset_data_prefix(std::byte* out, uint16_t flags, uint64_t cookie,
-                               uint64_t offset, uint32_t data_length) {
+void encode_offset_data_prefix(std::byte* out, uint16_t flags, uint64_t cookie, uint64_t offset,
+                               uint32_t data_length) {
   encode_chunk_header(out, flags, ReplyType::offset_data, cookie, data_length + 8);
   store_be64(out + structured_reply_header_size, offset);
 }
@@ -103,8 +103,8 @@ void append_error(std::vector<std::byte>& out, uint16_t flags, uint64_t cookie, 
   append_error_chunk(out, flags, ReplyType::error, cookie, error, message, nullptr);
 }
 
-void append_error_offset(std::vector<std::byte>& out, uint16_t flags, uint64_t cookie,
-                         Errno error, std::string_view message, uint64_t offset) {
+void append_error_offset(std::vector<std::byte>& out, uint16_t flags, uint64_t cookie, Errno error,
+                         std::string_view message, uint64_t offset) {
   append_error_chunk(out, flags, ReplyType::error_offset, cookie, error, message, &offset);
 }
 

@@ -49,8 +49,8 @@ inline constexpr std::size_t none_chunk_size = structured_reply_header_size;
 
 // OFFSET_DATA: header + u64 offset; the data_length bytes of data follow separately
 // (so they can be sent from the buffer they were read into).
-void encode_offset_data_prefix(std::byte* out, uint16_t flags, uint64_t cookie,
-                               uint64_t offset, uint32_t data_length);
+void encode_offset_data_prefix(std::byte* out, uint16_t flags, uint64_t cookie, uint64_t offset,
+                               uint32_t data_length);
 void encode_offset_hole(std::byte* out, uint16_t flags, uint64_t cookie, uint64_t offset,
                         uint32_t hole_length);
 void encode_none(std::byte* out, uint64_t cookie);  // NONE with DONE set
@@ -66,8 +66,8 @@ void append_block_status(std::vector<std::byte>& out, uint16_t flags, uint64_t c
 void append_error(std::vector<std::byte>& out, uint16_t flags, uint64_t cookie, Errno error,
                   std::string_view message);
 // ERROR_OFFSET chunk.
-void append_error_offset(std::vector<std::byte>& out, uint16_t flags, uint64_t cookie,
-                         Errno error, std::string_view message, uint64_t offset);
+void append_error_offset(std::vector<std::byte>& out, uint16_t flags, uint64_t cookie, Errno error,
+                         std::string_view message, uint64_t offset);
 
 // Reply decoders, for clients and tests.
 struct SimpleReply {

@@ -16,8 +16,8 @@ inline constexpr uint32_t simple_reply_magic = 0x67446698;
 inline constexpr uint32_t structured_reply_magic = 0x668e33ef;
 
 // Sizes of fixed-length frames.
-inline constexpr std::size_t greeting_size = 18;          // NBDMAGIC + IHAVEOPT + u16 flags
-inline constexpr std::size_t option_header_size = 16;     // IHAVEOPT + u32 option + u32 length
+inline constexpr std::size_t greeting_size = 18;       // NBDMAGIC + IHAVEOPT + u16 flags
+inline constexpr std::size_t option_header_size = 16;  // IHAVEOPT + u32 option + u32 length
 inline constexpr std::size_t option_reply_header_size = 20;
 inline constexpr std::size_t request_size = 28;
 inline constexpr std::size_t simple_reply_size = 16;
@@ -146,7 +146,7 @@ enum class Errno : uint32_t {
 };
 
 // Limits we enforce on the wire.
-inline constexpr uint32_t max_string_length = 4096;       // names, queries, messages
+inline constexpr uint32_t max_string_length = 4096;          // names, queries, messages
 inline constexpr uint32_t max_extents_per_chunk = 1u << 20;  // §11 block status cap
 
 }  // namespace imagenbd::protocol

@@ -1,5 +1,6 @@
 #include "server/listener.hpp"
 
+#include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -8,6 +9,8 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ip/v6_only.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 
 #include "backends/log.hpp"
@@ -100,6 +103,48 @@ std::vector<std::unique_ptr<Listener>> open_listeners(asio::io_context& ctx,
     if (ec)
       throw std::runtime_error("cannot resolve bind address '" + address + "': " + ec.message());
     for (const auto& r : results) out.push_back(bind_tcp(ctx, r.endpoint()));
+  }
+  return out;
+}
+
+std::vector<std::unique_ptr<Listener>> adopt_activated_listeners(asio::io_context& ctx) {
+  std::vector<std::unique_ptr<Listener>> out;
+  const char* pid = std::getenv("LISTEN_PID");
+  const char* fds = std::getenv("LISTEN_FDS");
+  if (!pid || !fds || std::strtol(pid, nullptr, 10) != ::getpid()) return out;
+  const long count = std::strtol(fds, nullptr, 10);
+  ::unsetenv("LISTEN_PID");
+  ::unsetenv("LISTEN_FDS");
+  ::unsetenv("LISTEN_FDNAMES");
+  constexpr int first_fd = 3;  // SD_LISTEN_FDS_START
+  for (int fd = first_fd; fd < first_fd + count; ++fd) {
+    sockaddr_storage addr{};
+    socklen_t length = sizeof addr;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &length) < 0) {
+      throw std::runtime_error("socket activation: fd " + std::to_string(fd) +
+                               " is not a socket (LISTEN_FDS=" + fds + ")");
+    }
+    ::fcntl(fd, F_SETFD, FD_CLOEXEC);
+    const int family = addr.ss_family;
+    const bool tcp = family == AF_INET || family == AF_INET6;
+    const generic protocol(family, tcp ? IPPROTO_TCP : 0);
+    std::string label = "fd " + std::to_string(fd);
+    if (tcp) {
+      tcp::endpoint ep;
+      std::memcpy(ep.data(), &addr, std::min<std::size_t>(length, ep.capacity()));
+      label += " (" + label_of(ep) + ")";
+    } else if (family == AF_UNIX) {
+      const auto* un = reinterpret_cast<const sockaddr_un*>(&addr);
+      label += std::string(" (unix:") + un->sun_path + ")";
+    }
+    auto l = std::unique_ptr<Listener>(
+        new Listener{asio::basic_socket_acceptor<generic>(ctx), "systemd " + label, tcp, {}});
+    boost::system::error_code ec;
+    l->acceptor.assign(protocol, fd, ec);
+    if (ec)
+      throw std::runtime_error("socket activation: cannot use fd " + std::to_string(fd) + ": " +
+                               ec.message());
+    out.push_back(std::move(l));
   }
   return out;
 }

@@ -32,6 +32,12 @@ struct Listener {
 // Binds every listener or throws std::runtime_error naming the address that failed.
 std::vector<std::unique_ptr<Listener>> open_listeners(asio::io_context& context,
                                                       const ListenSpec& spec);
+// Systemd socket activation (sd_listen_fds(3), as nbdkit's socket-activation.c does): when
+// LISTEN_PID is our pid, the LISTEN_FDS sockets from fd 3 on are already bound and
+// listening; serve on them instead of binding our own. Returns an empty vector when the
+// process was not socket-activated. Clears the variables so children do not inherit them.
+std::vector<std::unique_ptr<Listener>> adopt_activated_listeners(asio::io_context& context);
+
 // Closes the acceptor and removes a Unix socket file.
 void close_listener(Listener& listener);
 

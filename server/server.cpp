@@ -46,6 +46,9 @@ std::string peer_name(const Socket& socket, const Listener& listener) {
 
 Server::Server(ServerOptions options, std::shared_ptr<const ExportRegistry> exports)
     : options_(std::move(options)), exports_(std::move(exports)) {
+  if (!options_.session.memory) {
+    options_.session.memory = std::make_shared<MemoryBudget>(options_.memory_budget);
+  }
   unsigned n =
       options_.threads ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
   for (unsigned i = 0; i < n; ++i) workers_.push_back(std::make_unique<asio::io_context>(1));
@@ -64,7 +67,15 @@ asio::io_context& Server::next_context() {
 
 void Server::run() {
   ::signal(SIGPIPE, SIG_IGN);
-  listeners_ = open_listeners(main_, options_.listen);
+  listeners_ = adopt_activated_listeners(main_);
+  if (listeners_.empty()) {
+    listeners_ = open_listeners(main_, options_.listen);
+  } else {
+    log::info(
+        "socket activation: serving on {} socket(s) passed by the service manager; "
+        "--port, --bind and --socket are not used",
+        listeners_.size());
+  }
   for (auto& l : listeners_) log::info("listening on {}", l->label);
 
   if (!options_.pid_file.empty()) {

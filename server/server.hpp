@@ -27,6 +27,7 @@ struct ServerOptions {
   unsigned max_clients = 0;  // simultaneous connections; 0 = unlimited
   std::string pid_file;      // written once every listener is bound
   std::chrono::seconds stop_timeout{30};
+  uint64_t memory_budget = 1ull << 30;  // payload bytes in flight, all connections together
   SessionOptions session;
 };
 

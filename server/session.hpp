@@ -8,6 +8,7 @@
 // runs there. stop() may be called from elsewhere: it posts to that executor.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -32,10 +33,30 @@ namespace imagenbd::server {
 namespace asio = boost::asio;
 using Socket = asio::generic::stream_protocol::socket;
 
+// Payload bytes held by requests in flight across every connection of the server: bounds
+// memory when many clients send large requests and do not read the replies.
+class MemoryBudget {
+ public:
+  explicit MemoryBudget(uint64_t limit) : limit_(limit) {}
+  bool try_acquire(uint64_t bytes) {
+    uint64_t used = used_.load(std::memory_order_relaxed);
+    do {
+      if (used + bytes > limit_ && used > 0) return false;
+    } while (!used_.compare_exchange_weak(used, used + bytes, std::memory_order_relaxed));
+    return true;
+  }
+  void release(uint64_t bytes) { used_.fetch_sub(bytes, std::memory_order_relaxed); }
+
+ private:
+  const uint64_t limit_;
+  std::atomic<uint64_t> used_{0};
+};
+
 struct SessionOptions {
   std::chrono::milliseconds handshake_timeout{10'000};
   uint32_t max_in_flight = 128;                 // requests being handled at once
   uint64_t max_in_flight_bytes = 128ull << 20;  // payload bytes held by those requests
+  std::shared_ptr<MemoryBudget> memory;         // shared by all sessions; may be null
 };
 
 // Counters of one session, logged when it ends.
@@ -94,6 +115,9 @@ class Session : public std::enable_shared_from_this<Session> {
   void release(uint64_t bytes);
   asio::awaitable<void> handle(protocol::Request request, Buffer payload, uint64_t budget);
   asio::awaitable<void> do_read(const protocol::Request& r, Reply& reply);
+  asio::awaitable<void> read_pieces(uint64_t offset, std::span<std::byte> out);
+  asio::awaitable<void> write_pieces(uint64_t offset, std::span<const std::byte> in,
+                                     backends::WriteFlags flags);
   asio::awaitable<void> do_block_status(const protocol::Request& r, Reply& reply);
   asio::awaitable<void> write_loop();
   asio::awaitable<void> drain_and_close();

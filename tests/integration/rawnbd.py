@@ -40,6 +40,9 @@ REP_ERR_INVALID = 0x80000003
 REP_ERR_PLATFORM = 0x80000004
 REP_ERR_TLS_REQD = 0x80000005
 REP_ERR_UNKNOWN = 0x80000006
+REP_ERR_SHUTDOWN = 0x80000007
+REP_ERR_BLOCK_SIZE_REQD = 0x80000008
+REP_ERR_TOO_BIG = 0x80000009
 
 INFO_EXPORT = 0
 INFO_NAME = 1
@@ -59,6 +62,22 @@ CMD_FLAG_FUA = 1
 CMD_FLAG_NO_HOLE = 2
 CMD_FLAG_DF = 4
 CMD_FLAG_REQ_ONE = 8
+CMD_FLAG_FAST_ZERO = 16
+
+# Transmission flags (protocol.md section 7).
+TX_HAS_FLAGS = 0x1
+TX_READ_ONLY = 0x2
+TX_SEND_FLUSH = 0x4
+TX_SEND_FUA = 0x8
+TX_SEND_TRIM = 0x20
+TX_SEND_WRITE_ZEROES = 0x40
+TX_SEND_DF = 0x80
+TX_CAN_MULTI_CONN = 0x100
+TX_SEND_CACHE = 0x400
+TX_SEND_FAST_ZERO = 0x800
+
+STATE_HOLE = 1
+STATE_ZERO = 2
 
 REPLY_FLAG_DONE = 1
 REPLY_TYPE_NONE = 0
@@ -73,7 +92,8 @@ REP_NAMES = {
     REP_META_CONTEXT: "META_CONTEXT", REP_ERR_UNSUP: "ERR_UNSUP",
     REP_ERR_POLICY: "ERR_POLICY", REP_ERR_INVALID: "ERR_INVALID",
     REP_ERR_PLATFORM: "ERR_PLATFORM", REP_ERR_TLS_REQD: "ERR_TLS_REQD",
-    REP_ERR_UNKNOWN: "ERR_UNKNOWN",
+    REP_ERR_UNKNOWN: "ERR_UNKNOWN", REP_ERR_SHUTDOWN: "ERR_SHUTDOWN",
+    REP_ERR_BLOCK_SIZE_REQD: "ERR_BLOCK_SIZE_REQD", REP_ERR_TOO_BIG: "ERR_TOO_BIG",
 }
 
 
@@ -88,11 +108,16 @@ class ProtocolError(Exception):
 class Conn:
     """One raw connection.  address: a Unix socket path, or (host, port)."""
 
-    def __init__(self, address, timeout=10):
+    def __init__(self, address, timeout=10, rcvbuf=None, sndbuf=None):
         if isinstance(address, str):
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         else:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # Small buffers (set before connecting) make backpressure show up sooner.
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if sndbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.sock.settimeout(timeout)
         self.sock.connect(address)
         self.handshake_flags = None
@@ -113,6 +138,23 @@ class Conn:
                                % (len(buf), n))
             buf += chunk
         return bytes(buf)
+
+    def drain_until_close(self, timeout=5):
+        """Reads whatever the server still sends until it closes the connection.
+        Returns (closed, data): closed is False if the connection was still open
+        after timeout seconds of silence."""
+        self.sock.settimeout(timeout)
+        data = bytearray()
+        while True:
+            try:
+                chunk = self.sock.recv(65536)
+            except (ConnectionResetError, BrokenPipeError):
+                return True, bytes(data)
+            except socket.timeout:
+                return False, bytes(data)
+            if not chunk:
+                return True, bytes(data)
+            data += chunk
 
     def is_closed_by_peer(self, timeout=5):
         """True if the server closes the connection (EOF) within timeout."""
@@ -211,10 +253,15 @@ class Conn:
 
     # ---- transmission ----------------------------------------------------
 
+    @staticmethod
+    def request_bytes(cmd, offset=0, length=0, flags=0, cookie=0x1122334455667788,
+                      magic=REQUEST_MAGIC):
+        """The 28-byte compact request header."""
+        return struct.pack(">IHHQQI", magic, flags, cmd, cookie, offset, length)
+
     def request(self, cmd, offset=0, length=0, flags=0, cookie=0x1122334455667788,
                 payload=b""):
-        self.send(struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset,
-                              length) + payload)
+        self.send(self.request_bytes(cmd, offset, length, flags, cookie) + payload)
 
     def simple_reply(self, cookie=0x1122334455667788, read_length=0):
         """Read a simple reply; returns (error, data).  read_length bytes of data

@@ -1179,12 +1179,25 @@ TEST_CASE("option rounds are bounded") {
        .expected = {list_replies(), list_replies(), plain_disk0(opt_go, false)},
        .state = State::transmission,
        .limits = {.max_options = 3}},
-      {.name = "default: 256 options answered, the 257th closes",
+      {.name = "max_options 256: 256 options answered, the 257th closes",
        .input = cat({fixed, repeat(unknown, 256), go_disk0}),
        .expected = refused,
        .state = State::closed,
-       .unconsumed = go_disk0.size() - 16},
+       .unconsumed = go_disk0.size() - 16,
+       .limits = {.max_options = 256}},
   });
+}
+
+TEST_CASE("the default option limit lets nbdinfo --list walk hundreds of exports") {
+  // nbdinfo --list spends two options (INFO, LIST_META_CONTEXT) per export.
+  using namespace spec;
+  Handshake hs(standard_catalog());
+  Bytes input = cat({fixed, opt(opt_structured_reply)});
+  for (int i = 0; i < 800; ++i) input.insert(input.end(), list.begin(), list.end());
+  input.insert(input.end(), go_disk0.begin(), go_disk0.end());
+  Bytes out;
+  CHECK(hs.feed(input, out) == input.size());
+  CHECK(hs.state() == State::transmission);
 }
 
 TEST_CASE("bad IHAVEOPT magic closes") {
