@@ -1,5 +1,8 @@
 // imagenbd: serve disk images over NBD. Subcommands: serve (the default), and --help /
 // --version. Image tools (create, convert, info, check) arrive with the format issues.
+#include <pthread.h>
+#include <signal.h>
+
 #include <cstdio>
 #include <cstring>
 #include <exception>
@@ -67,6 +70,13 @@ int serve(int argc, char** argv) {
     return 0;
   }
   log::configure(cmd.log);
+  // Stop signals wait until the server can stop gracefully (Server::run unblocks them);
+  // threads started from here on (the blocking pool, the workers) inherit the block.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   if (cmd.blocking_threads) backends::set_blocking_threads(cmd.blocking_threads);
 
   auto registry = std::make_shared<server::ExportRegistry>();

@@ -67,6 +67,28 @@ asio::io_context& Server::next_context() {
 
 void Server::run() {
   ::signal(SIGPIPE, SIG_IGN);
+  // main() blocked SIGINT/SIGTERM before any thread was started, so every thread inherits
+  // the block; they are unblocked in this thread only once the handler is in place, and a
+  // signal sent during startup is handled gracefully instead of killing the process.
+  asio::signal_set signals(main_, SIGINT, SIGTERM);
+  std::function<void(boost::system::error_code, int)> on_signal = [&](boost::system::error_code ec,
+                                                                      int signo) {
+    if (ec) return;
+    if (stopping_) {
+      log::warn("second signal {}: stopping now, without waiting for clients", signo);
+      std::_Exit(1);
+    }
+    log::notice("signal {} received: stopping (finishing {} connection(s))", signo,
+                session_count_.load());
+    stop();
+    signals.async_wait(on_signal);
+  };
+  signals.async_wait(on_signal);
+
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
   listeners_ = adopt_activated_listeners(main_);
   if (listeners_.empty()) {
     listeners_ = open_listeners(main_, options_.listen);
@@ -89,21 +111,7 @@ void Server::run() {
     guards.push_back(asio::make_work_guard(*w));
     threads_.emplace_back([ctx = w.get()] { ctx->run(); });
   }
-
-  asio::signal_set signals(main_, SIGINT, SIGTERM);
-  std::function<void(boost::system::error_code, int)> on_signal = [&](boost::system::error_code ec,
-                                                                      int signo) {
-    if (ec) return;
-    if (stopping_) {
-      log::warn("second signal {}: stopping now, without waiting for clients", signo);
-      std::_Exit(1);
-    }
-    log::notice("signal {} received: stopping (finishing {} connection(s))", signo,
-                session_count_.load());
-    stop();
-    signals.async_wait(on_signal);
-  };
-  signals.async_wait(on_signal);
+  ::pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
 
   for (auto& l : listeners_) {
     asio::co_spawn(main_, accept_loop(*l), [label = l->label](std::exception_ptr ep) {
@@ -130,7 +138,13 @@ void Server::run() {
   for (auto& w : workers_) w->stop();
   for (auto& t : threads_) t.join();
   threads_.clear();
+  // Let the accept loops see their cancelled accepts and return, so nothing is left
+  // pending on main_ when the contexts are destroyed.
+  boost::system::error_code ignored;
+  signals.cancel(ignored);
   for (auto& l : listeners_) close_listener(*l);
+  main_.restart();
+  main_.run();
   if (!options_.pid_file.empty()) ::unlink(options_.pid_file.c_str());
 }
 

@@ -48,9 +48,11 @@ class Server {
 
   ServerOptions options_;
   std::shared_ptr<const ExportRegistry> exports_;
-  asio::io_context main_;  // listeners and signals
+  // Destruction runs bottom-up and the order matters: a pending accept in main_ holds a
+  // socket of a worker context, so listeners go first, then main_, then the workers.
   std::vector<std::unique_ptr<asio::io_context>> workers_;
   std::vector<std::thread> threads_;
+  asio::io_context main_;  // listeners and signals
   std::vector<std::unique_ptr<Listener>> listeners_;
   std::atomic<unsigned> next_worker_{0};
   std::atomic<bool> stopping_{false};
