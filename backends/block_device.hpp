@@ -14,6 +14,8 @@
 
 #include <boost/asio/awaitable.hpp>
 
+#include "backends/error.hpp"
+
 #ifndef BOOST_ASIO_HAS_CO_AWAIT
 #error "imagenbd needs C++20 coroutine support in Boost.Asio (BOOST_ASIO_HAS_CO_AWAIT)"
 #endif
@@ -91,7 +93,20 @@ class BlockDevice {
   virtual asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) = 0;
   // Hint that the range will be read soon (NBD_CMD_CACHE, readahead).
   virtual asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) = 0;
+
+  // Changes size() to new_size; bytes added at the end read as zeroes. For leaves that
+  // hold an image file: a dynamic VHD or VDI appends blocks through it. Durable with the
+  // next flush(). May run concurrently with I/O below min(old, new size); I/O beyond the
+  // old size waits until it has returned. Layers that cannot resize keep this default,
+  // which throws ENOTSUP.
+  virtual asio::awaitable<void> resize(uint64_t new_size);
 };
+
+inline asio::awaitable<void> BlockDevice::resize(uint64_t new_size) {
+  fail(std::errc::operation_not_supported, "{}: {}: cannot change the size (to {} bytes)", name(),
+       describe(), new_size);
+  co_return;
+}
 
 using DevicePtr = std::shared_ptr<BlockDevice>;
 

@@ -3,7 +3,8 @@
 // they stay fast (see write()); whatever may block (the rest of a read, FUA writes,
 // fdatasync, fallocate, lseek, fadvise) runs on the blocking pool (backends/offload.hpp).
 // One fd serves every connection, so one fdatasync covers them all (multi-conn).
-// Limits: the size is fixed at open; no O_DIRECT.
+// The size changes only through resize() (ftruncate; image formats that append blocks).
+// Limits: no O_DIRECT.
 #include "backends/file.hpp"
 
 #include <fcntl.h>
@@ -18,6 +19,7 @@
 #include <cassert>
 #include <cerrno>
 #include <chrono>
+#include <limits>
 #include <system_error>
 
 #include "backends/error.hpp"
@@ -70,11 +72,11 @@ class File final : public BlockDevice {
 
   std::string_view name() const override { return "file"; }
   std::string describe() const override { return path_; }
-  uint64_t size() const override { return size_; }
+  uint64_t size() const override { return size_.load(relaxed); }
   Caps caps() const override { return caps_; }
 
   asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out) override {
-    assert(offset + out.size() <= size_);
+    assert(offset + out.size() <= size());
     const std::size_t done = read_nowait(offset, out);
     if (done < out.size()) {
       co_await offload([this, offset, out, done] { read_rest(offset, out, done); });
@@ -84,7 +86,7 @@ class File final : public BlockDevice {
   asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in,
                               WriteFlags flags) override {
     check_writable("write");
-    assert(offset + in.size() <= size_);
+    assert(offset + in.size() <= size());
     if (flags.fua) {
       co_await offload([this, offset, in] { write_rest(offset, in, 0, RWF_DSYNC); });
       co_return;
@@ -101,7 +103,7 @@ class File final : public BlockDevice {
 
   asio::awaitable<void> trim(uint64_t offset, uint64_t length, WriteFlags flags) override {
     check_writable("trim");
-    assert(offset + length <= size_);
+    assert(offset + length <= size());
     co_await offload([this, offset, length, flags] {
       // Unsupported punching leaves the data as it is, which trim allows.
       punch_hole(offset, length);
@@ -111,7 +113,7 @@ class File final : public BlockDevice {
 
   asio::awaitable<void> zero(uint64_t offset, uint64_t length, WriteFlags flags) override {
     check_writable("zero");
-    assert(offset + length <= size_);
+    assert(offset + length <= size());
     // Answer a fast zero we already know we cannot do without a thread hop.
     if (flags.fast && !can_zero_range_.load(relaxed) &&
         (flags.no_hole || !can_punch_.load(relaxed))) {
@@ -129,7 +131,7 @@ class File final : public BlockDevice {
   }
 
   asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) override {
-    assert(offset + length <= size_);
+    assert(offset + length <= size());
     if (block_device_ || !may_have_holes_.load(relaxed)) {
       std::vector<Extent> all{Extent{length, ExtentKind::data}};
       co_return all;
@@ -142,6 +144,26 @@ class File final : public BlockDevice {
       const int e = ::posix_fadvise(fd_, static_cast<off_t>(offset), static_cast<off_t>(length),
                                     POSIX_FADV_WILLNEED);
       if (e != 0) fail_sys(e, fmt::format("posix_fadvise at offset {} length {}", offset, length));
+    });
+  }
+
+  asio::awaitable<void> resize(uint64_t new_size) override {
+    check_writable("resize");
+    if (block_device_) {
+      fail(std::errc::no_space_on_device,
+           "file: {}: a block device cannot change its size ({} to {} bytes)", path_, size(),
+           new_size);
+    }
+    if (new_size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
+      fail(std::errc::file_too_large, "file: {}: cannot resize to {} bytes", path_, new_size);
+    }
+    co_await offload([this, new_size] {
+      while (::ftruncate(fd_, static_cast<off_t>(new_size)) < 0) {
+        if (errno != EINTR) fail_sys(errno, fmt::format("ftruncate to {} bytes", new_size));
+      }
+      // Growing leaves a hole at the end; SEEK_HOLE must be asked from now on.
+      if (new_size > size()) may_have_holes_.store(true, relaxed);
+      size_.store(new_size, relaxed);
     });
   }
 
@@ -338,7 +360,7 @@ class File final : public BlockDevice {
 
   const std::string path_;
   const int fd_;
-  const uint64_t size_;
+  std::atomic<uint64_t> size_;
   const bool read_only_;
   const bool block_device_;
   Caps caps_;

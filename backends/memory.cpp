@@ -4,6 +4,7 @@
 #include "backends/memory.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cassert>
 #include <cstring>
 #include <map>
@@ -31,11 +32,11 @@ class Memory final : public BlockDevice {
 
   std::string_view name() const override { return "memory"; }
   std::string describe() const override { return label_; }
-  uint64_t size() const override { return size_; }
+  uint64_t size() const override { return size_.load(std::memory_order_relaxed); }
   Caps caps() const override { return caps_; }
 
   asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out) override {
-    assert(offset + out.size() <= size_);
+    assert(offset + out.size() <= size());
     std::shared_lock lock(mutex_);
     for_each_piece(offset, out.size(),
                    [&](uint64_t index, uint64_t in_page, std::size_t done, std::size_t n) {
@@ -50,7 +51,7 @@ class Memory final : public BlockDevice {
   }
 
   asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in, WriteFlags) override {
-    assert(offset + in.size() <= size_);
+    assert(offset + in.size() <= size());
     std::unique_lock lock(mutex_);
     for_each_piece(offset, in.size(),
                    [&](uint64_t index, uint64_t in_page, std::size_t done, std::size_t n) {
@@ -78,7 +79,7 @@ class Memory final : public BlockDevice {
   }
 
   asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) override {
-    assert(offset + length <= size_);
+    assert(offset + length <= size());
     std::vector<Extent> out;
     std::shared_lock lock(mutex_);
     const uint64_t end = offset + length;
@@ -103,6 +104,22 @@ class Memory final : public BlockDevice {
 
   asio::awaitable<void> prefetch(uint64_t, uint64_t) override { co_return; }
 
+  // Shrinking frees the pages past the end and zeroes the tail of the last one, so that
+  // growing again reads zeroes.
+  asio::awaitable<void> resize(uint64_t new_size) override {
+    std::unique_lock lock(mutex_);
+    const uint64_t old_size = size();
+    if (new_size < old_size) {
+      pages_.erase(pages_.lower_bound((new_size + page_size - 1) / page_size), pages_.end());
+      if (auto it = pages_.find(new_size / page_size); it != pages_.end()) {
+        const uint64_t in_page = new_size % page_size;
+        std::memset(it->second.get() + in_page, 0, page_size - in_page);
+      }
+    }
+    size_.store(new_size, std::memory_order_relaxed);
+    co_return;
+  }
+
  private:
   // Calls fn(page index, offset in page, bytes done so far, piece length) for each piece of
   // [offset, offset + length) that lies in one page.
@@ -121,7 +138,7 @@ class Memory final : public BlockDevice {
   // Frees pages inside the range and zeroes the parts of others it covers, freeing those
   // that end up all zero. Walks allocated pages only, so huge ranges cost nothing.
   void clear(uint64_t offset, uint64_t length) {
-    assert(offset + length <= size_);
+    assert(offset + length <= size());
     if (length == 0) return;
     const uint64_t end = offset + length;
     std::unique_lock lock(mutex_);
@@ -140,7 +157,7 @@ class Memory final : public BlockDevice {
     }
   }
 
-  const uint64_t size_;
+  std::atomic<uint64_t> size_;
   const std::string label_;
   Caps caps_;
   mutable std::shared_mutex mutex_;

@@ -11,7 +11,8 @@ namespace imagenbd::backends {
 
 // A writable device of `size` bytes that reads as zeroes. RAM is allocated in 64 KiB pages
 // on the first non-zero write and freed again by trim/zero; extents() reports allocated
-// pages as data and the rest as holes. describe() returns `label`.
+// pages as data and the rest as holes. resize() grows or shrinks it. describe() returns
+// `label`.
 // @par Thread Safety: the device may be used from any thread concurrently.
 DevicePtr open_memory(uint64_t size, std::string label = "memory");
 

@@ -15,6 +15,8 @@
 #include "backends/error.hpp"
 #include "backends/log.hpp"
 #include "formats/raw.hpp"
+#include "formats/vdi.hpp"
+#include "formats/vhd.hpp"
 
 namespace imagenbd::formats {
 
@@ -95,6 +97,12 @@ asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options) {
   if (format == Format::raw) {
     co_return open_raw(std::move(child),
                        RawOptions{.read_only = options.read_only, .probed = probed});
+  }
+  if (format == Format::vhd) {
+    co_return co_await open_vhd(std::move(child), VhdOptions{.read_only = options.read_only});
+  }
+  if (format == Format::vdi) {
+    co_return co_await open_vdi(std::move(child), VdiOptions{.read_only = options.read_only});
   }
   if (probed) {
     backends::fail(std::errc::operation_not_supported,

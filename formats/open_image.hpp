@@ -1,6 +1,5 @@
 // Opens the virtual disk stored in a byte store: probes the format by its magic unless the
-// user named it, then stacks the format layer on the child. Only raw is built so far;
-// VHD and VDI images are recognised and refused with a message saying so.
+// user named it, then stacks the format layer on the child: raw, VHD or VDI.
 #pragma once
 
 #include <cstddef>
@@ -35,7 +34,8 @@ Format probe_format(std::span<const std::byte> head, std::span<const std::byte> 
 
 // Reads the head and tail of child, probes unless options.format names the format, and
 // returns the format layer. Probed raw images are opened with RawOptions::probed.
-// @throws backends::Error: child read errors, or ENOTSUP for formats not built yet.
+// @throws backends::Error: child read errors, the format's open errors (open_vhd, open_vdi), or
+// ENOTSUP for formats not built yet.
 asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options);
 
 }  // namespace imagenbd::formats

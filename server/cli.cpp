@@ -76,9 +76,9 @@ Exports:
   -x, --export-name=NAME     export name for a single IMAGE (default: "")
   -D, --description=TEXT     export description (shown by nbdinfo --list, qemu-nbd -L)
   -r, --read-only            refuse writes, trims and zeroes (EPERM)
-  -f, --format=FORMAT        image format: raw (vhd and vdi are not built yet);
-                             default: probe the image, and never guess a format that
-                             would be written through
+  -f, --format=FORMAT        image format: raw, vhd (fixed, dynamic) or vdi (static,
+                             dynamic); default: probe the image by its magic (a raw
+                             image is never taken for another format on writes)
 
 Server:
       --threads=NUM          I/O threads (default: one per CPU)

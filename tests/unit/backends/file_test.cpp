@@ -21,10 +21,13 @@
 
 #include "backends/error.hpp"
 #include "backends/offload.hpp"
+#include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
 using imagenbd::test::run;
+using imagenbd::test::read;
+using imagenbd::test::error_of;
 namespace asio = boost::asio;
 
 namespace {
@@ -82,23 +85,6 @@ bool all_zero(const std::vector<std::byte>& v) {
   for (auto b : v)
     if (b != std::byte{0}) return false;
   return true;
-}
-
-std::vector<std::byte> read(BlockDevice& d, uint64_t offset, std::size_t n) {
-  std::vector<std::byte> v(n, std::byte{0xee});
-  run(d.read(offset, v));
-  return v;
-}
-
-template <typename Fn>
-Error error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  FAIL("expected backends::Error");
-  throw;  // unreachable
 }
 
 // tmpfs punches holes but has no FALLOC_FL_ZERO_RANGE: the place to see fast zero refused.
@@ -324,6 +310,27 @@ TEST_CASE("file: a read-only device refuses writes, trims and zeroes with EPERM"
   CHECK(error_of([&] { run(d->zero(0, 4096, {})); }).errc() == std::errc::operation_not_permitted);
   CHECK(read(*d, 0, 64 * KiB) == pattern(64 * KiB));
   run(d->flush());
+}
+
+TEST_CASE("file: resize grows the file with zeroes and shrinks it; read-only refuses") {
+  TempFile f(64 * KiB);
+  f.put(0, pattern(64 * KiB));
+  auto d = open_file(f.path, {});
+  run(d->resize(200 * KiB));
+  CHECK(d->size() == 200 * KiB);
+  CHECK(read(*d, 0, 64 * KiB) == pattern(64 * KiB));
+  CHECK(all_zero(read(*d, 64 * KiB, 136 * KiB)));
+  // The new end is a hole, and extents() says so although the file was fully allocated.
+  CHECK(run(d->extents(64 * KiB, 136 * KiB)) == std::vector<Extent>{{136 * KiB, ExtentKind::hole}});
+  run(d->write(150 * KiB, pattern(100, 1), {}));
+  CHECK(f.get(150 * KiB, 100) == pattern(100, 1));
+  run(d->resize(32 * KiB));
+  CHECK(d->size() == 32 * KiB);
+  run(d->flush());
+  auto again = open_file(f.path, {.read_only = true});
+  CHECK(again->size() == 32 * KiB);
+  CHECK(error_of([&] { run(again->resize(64 * KiB)); }).errc() ==
+        std::errc::operation_not_permitted);
 }
 
 TEST_CASE("file: open errors say what is wrong and what to do") {

@@ -3,6 +3,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <thread>
 #include <vector>
@@ -10,10 +11,12 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 
+#include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
 using imagenbd::test::run;
+using imagenbd::test::read;
 
 namespace {
 
@@ -22,12 +25,6 @@ constexpr uint64_t page = 64 << 10;
 std::vector<std::byte> pattern(std::size_t n, int seed) {
   std::vector<std::byte> v(n);
   for (std::size_t i = 0; i < n; ++i) v[i] = std::byte(static_cast<uint8_t>(i * 7 + seed + 1) | 1);
-  return v;
-}
-
-std::vector<std::byte> read(BlockDevice& d, uint64_t offset, std::size_t n) {
-  std::vector<std::byte> v(n, std::byte{0xee});
-  run(d.read(offset, v));
   return v;
 }
 
@@ -124,6 +121,23 @@ TEST_CASE("memory: a page zeroed piece by piece is freed once it is all zero") {
   run(big->write((uint64_t{1} << 49) + 1, pattern(10, 4), {}));
   run(big->zero(0, big->size(), {}));
   CHECK(run(big->extents(0, big->size())) == std::vector<Extent>{{big->size(), ExtentKind::hole}});
+}
+
+TEST_CASE("memory: resize grows with zeroes; shrinking forgets the tail") {
+  auto d = open_memory(page);
+  run(d->write(0, pattern(page, 5), {}));
+  run(d->resize(3 * page + 10));
+  CHECK(d->size() == 3 * page + 10);
+  CHECK(read(*d, 0, page) == pattern(page, 5));
+  CHECK(all_zero(read(*d, page, 2 * page + 10)));
+  run(d->write(2 * page, pattern(page + 10, 6), {}));
+  run(d->resize(page / 2));  // inside page 0: its tail is zeroed, pages 1-3 freed
+  run(d->resize(4 * page));
+  auto head = pattern(page, 5);
+  std::fill(head.begin() + page / 2, head.end(), std::byte{0});
+  CHECK(read(*d, 0, page) == head);
+  CHECK(all_zero(read(*d, page, 3 * page)));
+  CHECK(run(d->extents(page, 3 * page)) == std::vector<Extent>{{3 * page, ExtentKind::hole}});
 }
 
 TEST_CASE("memory: concurrent writers and readers on several threads") {

@@ -10,43 +10,24 @@
 #include "backends/error.hpp"
 #include "backends/memory.hpp"
 #include "tests/unit/support/faulty_device.hpp"
+#include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
 using imagenbd::test::FaultyDevice;
 using imagenbd::test::run;
+using imagenbd::test::bytes;
+using imagenbd::test::read;
+using imagenbd::test::error_of;
 using namespace std::literals;
 
 namespace {
 
 constexpr uint64_t MiB = 1 << 20;
 
-std::vector<std::byte> bytes(std::string_view s) {
-  std::vector<std::byte> v(s.size());
-  std::memcpy(v.data(), s.data(), s.size());
-  return v;
-}
-
 const auto vdi_signature =
     std::vector<std::byte>{std::byte{0x7f}, std::byte{0x10}, std::byte{0xda}, std::byte{0xbe}};
-
-std::vector<std::byte> read(BlockDevice& d, uint64_t offset, std::size_t n) {
-  std::vector<std::byte> v(n);
-  run(d.read(offset, v));
-  return v;
-}
-
-template <typename Fn>
-Error error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  FAIL("expected backends::Error");
-  throw;
-}
 
 }  // namespace
 

@@ -1,6 +1,6 @@
 // A BlockDevice double that forwards to a child and fails one chosen call (nbdkit's error
 // filter; Beast's test::stream fail_count): the Nth data call (read, write, flush, trim,
-// zero, extents, prefetch; counting from 1) throws backends::Error with `code`.
+// zero, extents, prefetch, resize; counting from 1) throws backends::Error with `code`.
 // Loop N upward to reach every failure path of the layer above.
 #pragma once
 
@@ -57,6 +57,10 @@ class FaultyDevice final : public backends::BlockDevice {
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     count("prefetch");
     co_await child_->prefetch(offset, length);
+  }
+  asio::awaitable<void> resize(uint64_t new_size) override {
+    count("resize");
+    co_await child_->resize(new_size);
   }
 
  private:
