@@ -265,7 +265,9 @@ asio::awaitable<void> Session::transmission() {
       log::debug("{}: NBD_CMD_DISC", peer_);
       co_return;
     }
-    const Errno invalid = stopping_ ? Errno::shutdown : validate_request(r, limits_);
+    const Verdict verdict = stopping_ ? Verdict{Errno::shutdown, "the server is shutting down"}
+                                      : validate_request(r, limits_);
+    const Errno invalid = verdict.error;
     const bool has_payload = r.command() == Cmd::write;
     // Every request holds a slot of the in-flight budget until its reply is written, so a
     // client that does not read its replies stops being read from (backpressure).
@@ -276,7 +278,11 @@ asio::awaitable<void> Session::transmission() {
       // The payload of a refused write is read and dropped, so the stream stays in step.
       if (has_payload) co_await discard(r.length);
       Reply reply;
-      reply_error(r, invalid, stopping_ ? "server is shutting down" : "request refused", reply);
+      const std::string message =
+          fmt::format("{}: {} offset={} length={} flags={:#x} (export size {})", verdict.reason,
+                      protocol::name(r.command()), r.offset, r.length, r.flags, limits_.size);
+      log::debug("{}: refused: {}", peer_, message);
+      reply_error(r, invalid, message, reply);
       log_request(r, invalid);
       send(std::move(reply));
       continue;

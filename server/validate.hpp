@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "protocol/transmission.hpp"
 #include "protocol/wire.hpp"
@@ -18,8 +19,15 @@ struct RequestLimits {
   bool block_status = false;  // a meta context (base:allocation) was selected
 };
 
-// Errno::ok when the request may go to the export; otherwise the NBD error to reply with.
+// The outcome of validation: Errno::ok, or the NBD error to reply with and why (a fixed
+// string, sent to the client in structured error chunks and logged in debug mode).
+struct Verdict {
+  protocol::Errno error = protocol::Errno::ok;
+  std::string_view reason;
+  bool operator==(protocol::Errno e) const { return error == e; }
+};
+
 // NBD_CMD_DISC is accepted whatever its fields (the client is leaving anyway).
-protocol::Errno validate_request(const protocol::Request& request, const RequestLimits& limits);
+Verdict validate_request(const protocol::Request& request, const RequestLimits& limits);
 
 }  // namespace imagenbd::server

@@ -129,3 +129,17 @@ TEST_CASE("alignment is enforced when the export needs it") {
 TEST_CASE("DISC is always accepted") {
   CHECK(validate_request(req(Cmd::disc, 12345, 99, 0xffff), limits()) == Errno::ok);
 }
+
+TEST_CASE("every refusal says why; acceptance says nothing") {
+  CHECK(validate_request(req(Cmd::read, 0, 512), limits()).reason.empty());
+  const Request refused[] = {req(Cmd::read, 1 << 20, 1), req(Cmd::write, 0, 0),
+                             req(Cmd::read, 0, 512, cf::req_one),
+                             req(Cmd::read, 0, (1 << 16) + 1, cf::df), req(Cmd::flush, 1, 0)};
+  for (const auto& r : refused) {
+    auto v = validate_request(r, limits());
+    CHECK(v.error != Errno::ok);
+    CHECK_FALSE(v.reason.empty());
+  }
+  CHECK(validate_request(req(Cmd::write, 1 << 20, 1), limits()).reason.find("past the end") !=
+        std::string_view::npos);
+}
