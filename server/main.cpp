@@ -1,5 +1,5 @@
-// imagenbd: serve disk images over NBD. Subcommands: serve (the default), and --help /
-// --version. Image tools (create, convert, info, check) arrive with the format issues.
+// imagenbd: serve disk images over NBD. Subcommands: serve (the default), the image tools
+// info and create (server/tool_*.cpp), and --help / --version.
 #include <pthread.h>
 #include <signal.h>
 
@@ -18,6 +18,8 @@
 #include "server/cli.hpp"
 #include "server/exports.hpp"
 #include "server/server.hpp"
+#include "server/tool_create.hpp"
+#include "server/tool_info.hpp"
 
 namespace {
 
@@ -29,7 +31,9 @@ void print_main_help() {
 
 Commands:
   serve      serve disk images over NBD (the default; its options follow)
-  (image tools - create, convert, info, check, resize - are not built yet)
+  info       show an image's format, sizes and metadata ('imagenbd info --help')
+  create     create an empty raw, VHD or VDI image ('imagenbd create --help')
+  (convert, check and resize are not built yet)
 
 )",
              stdout);
@@ -119,6 +123,8 @@ int main(int argc, char** argv) {
   if (argc >= 2) {
     std::string_view first = argv[1];
     if (first == "serve") return serve(argc - 1, argv + 1);
+    if (first == "info") return server::tool_info(argc - 1, argv + 1);
+    if (first == "create") return server::tool_create(argc - 1, argv + 1);
     if (first == "-h" || first == "--help" || first == "help") {
       print_main_help();
       return 0;

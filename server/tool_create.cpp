@@ -1,0 +1,337 @@
+// `imagenbd create`: see tool_create.hpp. The layouts come from the formats' codecs
+// (vhd_layout, vdi_layout); the new file is checked by opening it as `serve` would, and
+// removed when that fails.
+#include "server/tool_create.hpp"
+
+#include <fcntl.h>
+#include <getopt.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <random>
+#include <stdexcept>
+
+#include <fmt/format.h>
+
+#include "backends/error.hpp"
+#include "formats/vdi_layout.hpp"
+#include "server/exports.hpp"
+#include "server/tool_info.hpp"
+
+namespace imagenbd::server {
+
+namespace {
+
+namespace vhd = formats::vhd;
+namespace vdi = formats::vdi;
+
+[[noreturn]] void invalid(const std::string& message) {
+  throw std::invalid_argument(message);
+}
+
+bool is_power_of_two(uint64_t v) {
+  return v != 0 && (v & (v - 1)) == 0;
+}
+
+uint64_t round_up(uint64_t v, uint64_t to) {
+  return (v + to - 1) / to * to;
+}
+
+void check_block_size(uint32_t block_size, uint32_t max, std::string_view format) {
+  if (!is_power_of_two(block_size) || block_size < 512 || block_size > max) {
+    invalid(fmt::format("{} block size {} is not a power of two from 512 to {}", format, block_size,
+                        max));
+  }
+}
+
+void plan_vhd(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
+  const std::string sub = r.subformat.empty() ? "dynamic" : r.subformat;
+  if (sub != "fixed" && sub != "dynamic") {
+    invalid(fmt::format("vhd subformat '{}' is not fixed or dynamic", sub));
+  }
+  if (r.size == 0 || r.size % vhd::sector_size != 0) {
+    invalid(fmt::format("vhd size {} is not a positive multiple of 512", r.size));
+  }
+  if (r.size > vhd::max_dynamic_size) {
+    invalid(
+        fmt::format("vhd size {} is larger than 2040 GiB ({} bytes), the limit of qemu "
+                    "and Hyper-V",
+                    r.size, vhd::max_dynamic_size));
+  }
+  vhd::Footer footer;
+  footer.timestamp = ids.vhd_timestamp;
+  footer.creator_app = vhd_creator_app;
+  footer.original_size = footer.current_size = r.size;
+  footer.geometry = vhd_create_geometry(r.size);
+  footer.unique_id = ids.uuid;
+  plan.subformat = sub;
+  if (sub == "fixed") {
+    if (r.block_size) invalid("--block-size applies to dynamic vhd images only");
+    footer.disk_type = static_cast<uint32_t>(vhd::DiskType::fixed);
+    footer.data_offset = vhd::fixed_data_offset;
+    const auto bytes = vhd::encode_footer(footer);
+    plan.file_size = r.size + vhd::footer_size;
+    plan.writes.emplace_back(r.size, std::vector<std::byte>(bytes.begin(), bytes.end()));
+    return;
+  }
+  const uint32_t block_size = r.block_size ? r.block_size : vhd::default_block_size;
+  check_block_size(block_size, vhd::max_block_size, "vhd");
+  plan.block_size = block_size;
+  const uint64_t entries = (r.size + block_size - 1) / block_size;
+  // qemu's layout: footer copy, dynamic header, BAT, footer.
+  const uint64_t header_offset = vhd::footer_size;
+  const uint64_t bat_offset = header_offset + vhd::header_size;
+  const uint64_t bat_bytes = round_up(entries * 4, vhd::sector_size);
+  footer.disk_type = static_cast<uint32_t>(vhd::DiskType::dynamic);
+  footer.data_offset = header_offset;
+  vhd::DynamicHeader header;
+  header.table_offset = bat_offset;
+  header.max_table_entries = static_cast<uint32_t>(entries);
+  header.block_size = block_size;
+  const auto footer_bytes = vhd::encode_footer(footer);
+  const auto header_bytes = vhd::encode_dynamic_header(header);
+  const std::vector<uint32_t> bat(entries, vhd::bat_unused);
+  plan.file_size = bat_offset + bat_bytes + vhd::footer_size;
+  plan.writes.emplace_back(0, std::vector<std::byte>(footer_bytes.begin(), footer_bytes.end()));
+  plan.writes.emplace_back(header_offset,
+                           std::vector<std::byte>(header_bytes.begin(), header_bytes.end()));
+  plan.writes.emplace_back(bat_offset, vhd::encode_bat(bat, bat_bytes));
+  plan.writes.emplace_back(bat_offset + bat_bytes,
+                           std::vector<std::byte>(footer_bytes.begin(), footer_bytes.end()));
+}
+
+void plan_vdi(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
+  const std::string sub = r.subformat.empty() ? "dynamic" : r.subformat;
+  if (sub != "static" && sub != "dynamic") {
+    invalid(fmt::format("vdi subformat '{}' is not static or dynamic", sub));
+  }
+  if (r.size == 0 || r.size % vdi::sector_size != 0) {
+    invalid(fmt::format("vdi size {} is not a positive multiple of 512", r.size));
+  }
+  const uint32_t block_size = r.block_size ? r.block_size : vdi::default_block_size;
+  check_block_size(block_size, vdi::max_block_size, "vdi");
+  if (block_size != vdi::default_block_size) {
+    plan.warnings.push_back(fmt::format(
+        "block size {} is not 1048576: VirtualBox reads it, qemu refuses it", block_size));
+  }
+  if ((r.size + block_size - 1) / block_size > vdi::max_blocks) {
+    invalid(fmt::format("vdi size {} needs more than {} blocks of {} bytes", r.size,
+                        vdi::max_blocks, block_size));
+  }
+  const auto type = sub == "static" ? vdi::ImageType::fixed : vdi::ImageType::dynamic;
+  const vdi::Header header = vdi::new_header(r.size, type, ids.uuid, ids.modify_uuid, block_size);
+  std::vector<std::byte> first(vdi::header_bytes);
+  vdi::encode_header(header, first);
+  plan.subformat = sub;
+  plan.block_size = block_size;
+  plan.file_size = header.data_offset;
+  if (type == vdi::ImageType::fixed) {
+    plan.file_size += uint64_t{header.blocks} * block_size;
+  }
+  plan.writes.emplace_back(0, std::move(first));
+  plan.writes.emplace_back(header.blocks_offset, vdi::encode_block_map(vdi::new_block_map(header)));
+}
+
+formats::Uuid random_uuid() {
+  std::random_device random;
+  std::array<uint8_t, 16> bytes{};
+  for (std::size_t i = 0; i < bytes.size(); i += 4) {
+    const uint32_t r = random();
+    for (std::size_t k = 0; k < 4; ++k) bytes[i + k] = static_cast<uint8_t>(r >> (8 * k));
+  }
+  return formats::Uuid::random_v4(bytes);
+}
+
+// Writes the plan to path: O_EXCL unless force (then the old contents go).
+void write_plan(const std::string& path, const CreatePlan& plan, bool force) {
+  const int flags = O_WRONLY | O_CREAT | O_CLOEXEC | (force ? O_TRUNC : O_EXCL);
+  const int fd = ::open(path.c_str(), flags, 0644);
+  if (fd < 0) {
+    const int error = errno;
+    if (error == EEXIST) {
+      backends::fail(std::errc::file_exists, "{}: the file exists (use --force to overwrite it)",
+                     path);
+    }
+    backends::fail_errno(error, path);
+  }
+  auto fail_closing = [&](std::string_view what) {
+    const int error = errno;
+    ::close(fd);
+    ::unlink(path.c_str());
+    backends::fail_errno(error, fmt::format("{}: {}", path, what));
+  };
+  if (::ftruncate(fd, static_cast<off_t>(plan.file_size)) != 0) fail_closing("ftruncate");
+  for (const auto& [offset, bytes] : plan.writes) {
+    const ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), static_cast<off_t>(offset));
+    if (n < 0) fail_closing("write");
+    if (static_cast<std::size_t>(n) != bytes.size()) {
+      errno = EIO;
+      fail_closing("short write");
+    }
+  }
+  if (::fsync(fd) != 0) fail_closing("fsync");
+  if (::close(fd) != 0) {
+    const int error = errno;
+    ::unlink(path.c_str());
+    backends::fail_errno(error, path);
+  }
+}
+
+}  // namespace
+
+vhd::Geometry vhd_create_geometry(uint64_t size) {
+  const vhd::Geometry g = vhd::geometry_for(size / vhd::sector_size);
+  return vhd::geometry_bytes(g) == size ? g : vhd::max_geometry;
+}
+
+CreatePlan plan_image(const CreateRequest& request, const CreateIds& ids) {
+  CreatePlan plan;
+  switch (request.format) {
+    case formats::Format::raw:
+      if (!request.subformat.empty()) invalid("raw images have no subformat");
+      if (request.block_size) invalid("raw images have no block size");
+      plan.file_size = request.size;
+      break;
+    case formats::Format::vhd:
+      plan_vhd(request, ids, plan);
+      break;
+    case formats::Format::vdi:
+      plan_vdi(request, ids, plan);
+      break;
+    case formats::Format::automatic:
+      invalid("create needs a format: -f raw, vhd or vdi");
+  }
+  return plan;
+}
+
+const char* create_help() {
+  return R"(Usage: imagenbd create -f FMT [--subformat S] [--block-size N] [--force] [--json] FILE SIZE
+
+Create an empty disk image of exactly SIZE bytes (suffixes K, M, G, T are powers of
+1024; VHD and VDI sizes must be multiples of 512).
+
+Formats:
+  raw    a sparse file of SIZE bytes
+  vhd    (or vpc) --subformat dynamic (default; --block-size, default 2M) or fixed.
+         At most 2040 GiB. The footer's creator app is "inbd"; current_size is SIZE, and
+         the CHS geometry is SIZE's own when SIZE is CHS-exact, else 65535/16/255, so
+         that qemu (every version), Hyper-V, libvhdi and imagenbd all see SIZE.
+  vdi    --subformat dynamic (default) or static; --block-size default 1M (qemu reads
+         no other). Laid out as qemu does: block map at 0x200, data after it.
+
+Options:
+  -f, --format=FMT       raw, vhd (or vpc), vdi (required)
+  -o, --subformat=S      see above
+      --block-size=N     block size in bytes (suffixes allowed); a power of two
+      --force            overwrite FILE if it exists (refused otherwise)
+      --json             print what was created, as 'imagenbd info --json' does
+  -h, --help             this text
+
+The new image is opened as 'imagenbd serve' would before create reports success; it is
+removed if that fails. Exit status: 0 on success, 1 on errors, 2 on usage errors.
+)";
+}
+
+int tool_create(int argc, char** argv) {
+  enum : int { opt_json = 1000, opt_force, opt_block_size };
+  static const option long_options[] = {
+      {"format", required_argument, nullptr, 'f'},
+      {"subformat", required_argument, nullptr, 'o'},
+      {"block-size", required_argument, nullptr, opt_block_size},
+      {"force", no_argument, nullptr, opt_force},
+      {"json", no_argument, nullptr, opt_json},
+      {"help", no_argument, nullptr, 'h'},
+      {nullptr, 0, nullptr, 0},
+  };
+  auto usage = [](const std::string& message) {
+    std::fprintf(stderr,
+                 "imagenbd create: %s\nTry 'imagenbd create --help' for more information.\n",
+                 message.c_str());
+    return 2;
+  };
+  CreateRequest request;
+  bool have_format = false, force = false, json = false;
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, "f:o:h", long_options, nullptr)) != -1) {
+    try {
+      switch (c) {
+        case 'f':
+          request.format = formats::parse_format(optarg);
+          have_format = request.format != formats::Format::automatic;
+          if (!have_format) return usage("create needs a format: -f raw, vhd or vdi");
+          break;
+        case 'o': {
+          std::string_view s = optarg;
+          if (s.starts_with("subformat=")) s.remove_prefix(10);  // qemu-img's -o spelling
+          request.subformat = s;
+          break;
+        }
+        case opt_block_size: {
+          const uint64_t n = parse_size(optarg);
+          if (n == 0 || n > UINT32_MAX) {
+            return usage(fmt::format("invalid block size '{}'", optarg));
+          }
+          request.block_size = static_cast<uint32_t>(n);
+          break;
+        }
+        case opt_force:
+          force = true;
+          break;
+        case opt_json:
+          json = true;
+          break;
+        case 'h':
+          std::fputs(create_help(), stdout);
+          return 0;
+        default:
+          return usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
+      }
+    } catch (const std::invalid_argument& e) {
+      return usage(e.what());
+    }
+  }
+  if (!have_format) return usage("create needs a format: -f raw, vhd or vdi");
+  if (argc - optind != 2) return usage("expected FILE and SIZE");
+  const std::string path = argv[optind];
+  try {
+    request.size = parse_size(argv[optind + 1]);
+  } catch (const std::invalid_argument& e) {
+    return usage(e.what());
+  }
+  try {
+    CreateIds ids{.uuid = random_uuid(),
+                  .modify_uuid = random_uuid(),
+                  .vhd_timestamp = static_cast<uint32_t>(std::time(nullptr) - 946684800)};
+    const CreatePlan plan = plan_image(request, ids);
+    for (const auto& w : plan.warnings) std::fprintf(stderr, "imagenbd: warning: %s\n", w.c_str());
+    write_plan(path, plan, force);
+    ImageInfo info;
+    try {
+      info = gather_info(path, request.format);
+    } catch (const std::exception& e) {
+      ::unlink(path.c_str());
+      throw std::runtime_error(
+          fmt::format("{}: the new image does not open ({}); removed it", path, e.what()));
+    }
+    if (json) {
+      std::fputs(info_json(info).c_str(), stdout);
+    } else {
+      std::string line = fmt::format("Formatting '{}', fmt={}", path, info.format);
+      if (!plan.subformat.empty()) line += " subformat=" + plan.subformat;
+      line += fmt::format(" size={}", info.virtual_size);
+      if (plan.block_size) line += fmt::format(" block_size={}", plan.block_size);
+      std::puts(line.c_str());
+    }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "imagenbd: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace imagenbd::server

@@ -1,0 +1,58 @@
+// `imagenbd create -f raw|vhd|vdi [--subformat S] [--block-size N] [--force] FILE SIZE`:
+// a new, empty image of exactly SIZE bytes. VHD footers carry creator app "inbd" and the
+// geometry formats.md §1.10 recommends (the size's own CHS geometry when it is CHS-exact,
+// else 65535/16/255), so qemu (any version), libvhdi and imagenbd all read SIZE. VDI
+// images are laid out as qemu lays them out (block map at 0x200).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "formats/open_image.hpp"
+#include "formats/uuid.hpp"
+#include "formats/vhd_layout.hpp"
+
+namespace imagenbd::server {
+
+struct CreateRequest {
+  formats::Format format = formats::Format::raw;
+  std::string subformat;    // "" = the default: vhd dynamic, vdi dynamic
+  uint32_t block_size = 0;  // 0 = the format's default (vhd 2 MiB, vdi 1 MiB)
+  uint64_t size = 0;
+};
+
+// What to put in the new file: its length (the rest reads as zeroes) and the metadata.
+struct CreatePlan {
+  std::string subformat;  // resolved: "fixed", "dynamic", "static" (raw: "")
+  uint32_t block_size = 0;
+  uint64_t file_size = 0;
+  std::vector<std::pair<uint64_t, std::vector<std::byte>>> writes;  // offset, bytes
+  std::vector<std::string> warnings;
+};
+
+// Ids and time a new image needs; random and the clock in the command, fixed in tests.
+struct CreateIds {
+  formats::Uuid uuid;
+  formats::Uuid modify_uuid;   // vdi only
+  uint32_t vhd_timestamp = 0;  // seconds since 2000-01-01 UTC
+};
+
+// The creator app written into VHD footers (4 bytes, documented in the help text).
+inline constexpr std::array<char, 4> vhd_creator_app{'i', 'n', 'b', 'd'};
+
+// The geometry a new VHD of `size` bytes gets (formats.md §1.10): geometry_for(size/512)
+// when its C*H*S*512 equals size, else 65535/16/255 ("see current_size").
+formats::vhd::Geometry vhd_create_geometry(uint64_t size);
+
+// Pure: the file for `request`. @throws std::invalid_argument naming what is wrong (size
+// not a multiple of 512, too large, bad block size, a subformat the format lacks).
+CreatePlan plan_image(const CreateRequest& request, const CreateIds& ids);
+
+// The command: argv[0] is "create". Returns the exit status (0, 1 on errors, 2 on usage).
+int tool_create(int argc, char** argv);
+const char* create_help();
+
+}  // namespace imagenbd::server

@@ -1,0 +1,432 @@
+// `imagenbd info`: see tool_info.hpp. Validation is open_image's (so info and serve never
+// disagree about an image); the details come from vhd_layout / vdi_layout.
+#include "server/tool_info.hpp"
+
+#include <getopt.h>
+#include <sys/stat.h>
+
+#include <array>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
+
+#include <fmt/format.h>
+
+#include "backends/error.hpp"
+#include "backends/file.hpp"
+#include "formats/vdi_layout.hpp"
+#include "server/tool_common.hpp"
+
+namespace imagenbd::server {
+
+namespace {
+
+namespace asio = boost::asio;
+namespace vhd = formats::vhd;
+namespace vdi = formats::vdi;
+
+[[noreturn]] void fail_problem(const std::string& layer, const std::string& path,
+                               const formats::Problem& problem) {
+  throw backends::Error(problem.code, fmt::format("{}: {}: {}", layer, path, problem.message));
+}
+
+asio::awaitable<void> gather_vhd(backends::BlockDevice& file, ImageInfo& info) {
+  const std::string path = info.filename;
+  const uint64_t size = file.size();
+  std::array<std::byte, vhd::footer_size> end{}, head{};
+  co_await file.read(size - vhd::footer_size, end);
+  co_await file.read(0, head);
+  VhdInfo v;
+  auto parsed = vhd::parse_footer(end);
+  if (!parsed.ok()) {  // open_image accepted it: the copy at 0 is what serve uses
+    parsed = vhd::parse_footer(head);
+    v.footer_copy_used = true;
+    if (!parsed.ok()) fail_problem("vhd", path, parsed.problem());
+  }
+  const vhd::Footer& f = parsed.value();
+  v.subformat = vhd::disk_type_name(f.disk_type);
+  v.creator_app = vhd::fourcc_text(f.creator_app);
+  v.creator_version = f.creator_version;
+  v.creator_host_os = vhd::fourcc_text(std::array<char, 4>{
+      static_cast<char>(f.creator_host_os >> 24), static_cast<char>(f.creator_host_os >> 16),
+      static_cast<char>(f.creator_host_os >> 8), static_cast<char>(f.creator_host_os)});
+  v.timestamp = f.timestamp;
+  v.current_size = f.current_size;
+  v.original_size = f.original_size;
+  v.geometry = f.geometry;
+  v.chs_size = vhd::geometry_bytes(f.geometry);
+  v.uuid = f.unique_id.to_string();
+  v.qemu72_size = qemu72_virtual_size(f);
+  const auto served = vhd::virtual_size(f, vhd::SizePolicy::automatic);
+  if (!served.ok()) fail_problem("vhd", path, served.problem());
+  v.size_source = served.value() == f.current_size ? "current_size" : "chs";
+  if (info.virtual_size == 0) info.virtual_size = served.value();
+
+  if (f.disk_type != static_cast<uint32_t>(vhd::DiskType::fixed)) {
+    const uint64_t data_limit = v.footer_copy_used ? size : size - vhd::footer_size;
+    std::array<std::byte, vhd::header_size> hb{};
+    co_await file.read(f.data_offset, hb);
+    const auto header = vhd::parse_dynamic_header(hb);
+    if (!header.ok()) fail_problem("vhd", path, header.problem());
+    const auto layout = vhd::check_dynamic_header(header.value(), f, data_limit);
+    if (!layout.ok()) fail_problem("vhd", path, layout.problem());
+    const auto& l = layout.value();
+    std::vector<std::byte> bat_bytes(l.bat_bytes);
+    co_await file.read(l.bat_offset, bat_bytes);
+    const auto bat = vhd::decode_bat(bat_bytes, l.bat_entries);
+    v.block_size = l.block_size;
+    v.blocks_total = l.bat_entries;
+    for (uint32_t entry : bat) v.blocks_allocated += entry != vhd::bat_unused;
+    if (f.disk_type == static_cast<uint32_t>(vhd::DiskType::differencing)) {
+      v.parent_name = utf16be_to_utf8(header.value().parent_unicode_name);
+      v.parent_uuid = header.value().parent_unique_id.to_string();
+    }
+  }
+  info.vhd = std::move(v);
+}
+
+asio::awaitable<void> gather_vdi(backends::BlockDevice& file, ImageInfo& info) {
+  const uint64_t size = file.size();
+  if (auto problem = vdi::check_file_size(size)) fail_problem("vdi", info.filename, *problem);
+  std::array<std::byte, vdi::header_bytes> hb{};
+  co_await file.read(0, hb);
+  const vdi::Header h = vdi::decode_header(hb);
+  const auto layout = vdi::check_header(h, size);
+  if (!layout.ok()) fail_problem("vdi", info.filename, layout.problem());
+  const auto& l = layout.value();
+  std::vector<std::byte> map_bytes(uint64_t{l.blocks} * 4);
+  co_await file.read(l.blocks_offset, map_bytes);
+  const auto entries = vdi::decode_block_map(map_bytes);
+  const auto use = vdi::check_block_map(l, entries, size);
+  if (!use.ok()) fail_problem("vdi", info.filename, use.problem());
+  VdiInfo v;
+  v.subformat = vdi::type_name(h.image_type);
+  v.version = fmt::format("{}.{}", h.version >> 16, h.version & 0xffff);
+  v.header_size = h.header_size;
+  v.comment = h.comment;
+  v.block_size = h.block_size;
+  v.blocks_total = h.blocks;
+  v.blocks_allocated = h.blocks_allocated;
+  v.blocks_used = use.value().used;
+  v.uuid = h.uuid_create.to_string();
+  v.modify_uuid = h.uuid_modify.to_string();
+  v.parent_uuid = h.uuid_linkage.to_string();
+  v.parent_modify_uuid = h.uuid_parent_modify.to_string();
+  if (info.virtual_size == 0) info.virtual_size = l.disk_size;
+  info.vdi = std::move(v);
+}
+
+asio::awaitable<ImageInfo> gather(std::string path, formats::Format format) {
+  ImageInfo info;
+  info.filename = path;
+  auto file = backends::open_file(path, {.read_only = true});
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    info.file_size = static_cast<uint64_t>(st.st_size);
+    info.allocated_bytes = static_cast<uint64_t>(st.st_blocks) * 512;
+  }
+  if (!S_ISREG(st.st_mode)) info.file_size = file->size();
+  std::string refusal;
+  try {
+    auto device = co_await formats::open_image(file, {.format = format, .read_only = true});
+    info.format = device->name();
+    info.virtual_size = device->size();
+  } catch (const backends::Error& e) {
+    // A valid image serve cannot serve yet (a differencing disk): still worth describing.
+    if (e.errc() != std::errc::operation_not_supported) throw;
+    refusal = e.what();
+  }
+  if (!refusal.empty()) {
+    info.not_served = refusal;
+    if (format == formats::Format::automatic) {
+      std::array<std::byte, 512> head{}, tail{};
+      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(file->size(), 512));
+      co_await file->read(0, std::span(head).first(n));
+      co_await file->read(file->size() - n, std::span(tail).first(n));
+      format = formats::probe_format(std::span(head).first(n), std::span(tail).first(n));
+    }
+    info.format = formats::format_name(format);
+  }
+  if (info.format == "vhd") co_await gather_vhd(*file, info);
+  if (info.format == "vdi") co_await gather_vdi(*file, info);
+  co_return info;
+}
+
+std::string json_uint_field(std::string_view key, uint64_t value) {
+  return fmt::format("{}: {}", json_string(key), value);
+}
+std::string json_str_field(std::string_view key, std::string_view value) {
+  return fmt::format("{}: {}", json_string(key), json_string(value));
+}
+
+std::string join(const std::vector<std::string>& fields, std::string_view indent) {
+  std::string out;
+  for (std::size_t i = 0; i < fields.size(); ++i) {
+    out += fmt::format("{}{}{}\n", indent, fields[i], i + 1 < fields.size() ? "," : "");
+  }
+  return out;
+}
+
+std::string version_text(uint32_t v) {
+  return fmt::format("{}.{}", v >> 16, v & 0xffff);
+}
+
+}  // namespace
+
+uint64_t qemu72_virtual_size(const vhd::Footer& f) {
+  static constexpr std::array<std::array<char, 4>, 5> current_size_creators{{
+      {'w', 'i', 'n', ' '},
+      {'q', 'e', 'm', '2'},
+      {'d', '2', 'v', ' '},
+      {'C', 'T', 'X', 'S'},
+      {'t', 'a', 'p', '\0'},
+  }};
+  if (f.geometry == vhd::max_geometry) return f.current_size;
+  for (const auto& app : current_size_creators) {
+    if (f.creator_app == app) return f.current_size;
+  }
+  return vhd::geometry_bytes(f.geometry);
+}
+
+std::string utf16be_to_utf8(std::span<const std::byte> bytes) {
+  std::string out;
+  auto unit = [&](std::size_t i) {
+    return static_cast<uint32_t>(static_cast<uint8_t>(bytes[i]) << 8 |
+                                 static_cast<uint8_t>(bytes[i + 1]));
+  };
+  for (std::size_t i = 0; i + 1 < bytes.size(); i += 2) {
+    uint32_t c = unit(i);
+    if (c == 0) break;
+    if (c >= 0xD800 && c < 0xDC00 && i + 3 < bytes.size()) {
+      const uint32_t low = unit(i + 2);
+      if (low >= 0xDC00 && low < 0xE000) {
+        c = 0x10000 + ((c - 0xD800) << 10) + (low - 0xDC00);
+        i += 2;
+      }
+    }
+    if (c >= 0xD800 && c < 0xE000) c = 0xFFFD;  // a lone surrogate
+    if (c < 0x80) {
+      out += static_cast<char>(c);
+    } else if (c < 0x800) {
+      out += static_cast<char>(0xC0 | (c >> 6));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    } else if (c < 0x10000) {
+      out += static_cast<char>(0xE0 | (c >> 12));
+      out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    } else {
+      out += static_cast<char>(0xF0 | (c >> 18));
+      out += static_cast<char>(0x80 | ((c >> 12) & 0x3F));
+      out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+      out += static_cast<char>(0x80 | (c & 0x3F));
+    }
+  }
+  return out;
+}
+
+ImageInfo gather_info(const std::string& path, formats::Format format) {
+  return run_now(gather(path, format));
+}
+
+std::string info_json(const ImageInfo& info) {
+  std::vector<std::string> top{
+      json_str_field("filename", info.filename),
+      json_str_field("format", info.format),
+      json_uint_field("virtual_size", info.virtual_size),
+      json_uint_field("file_size", info.file_size),
+      json_uint_field("allocated_bytes", info.allocated_bytes),
+  };
+  if (!info.not_served.empty()) top.push_back(json_str_field("not_served", info.not_served));
+  if (const auto& v = info.vhd) {
+    std::vector<std::string> f{
+        json_str_field("subformat", v->subformat),
+        json_str_field("creator_app", v->creator_app),
+        json_str_field("creator_version", version_text(v->creator_version)),
+        json_str_field("creator_host_os", v->creator_host_os),
+        json_uint_field("timestamp", v->timestamp),
+        json_uint_field("current_size", v->current_size),
+        json_uint_field("original_size", v->original_size),
+        fmt::format("\"geometry\": {{\"cylinders\": {}, \"heads\": {}, \"sectors\": {}}}",
+                    v->geometry.cylinders, v->geometry.heads, v->geometry.sectors_per_track),
+        json_uint_field("chs_size", v->chs_size),
+        json_str_field("size_source", v->size_source),
+        json_uint_field("qemu72_size", v->qemu72_size),
+        json_str_field("uuid", v->uuid),
+        fmt::format("\"footer_copy_used\": {}", v->footer_copy_used),
+    };
+    if (v->subformat != "fixed") {
+      f.push_back(json_uint_field("block_size", v->block_size));
+      f.push_back(json_uint_field("blocks_total", v->blocks_total));
+      f.push_back(json_uint_field("blocks_allocated", v->blocks_allocated));
+    }
+    if (v->subformat == "differencing") {
+      f.push_back(json_str_field("parent_name", v->parent_name));
+      f.push_back(json_str_field("parent_uuid", v->parent_uuid));
+    }
+    top.push_back("\"vhd\": {\n" + join(f, "    ") + "  }");
+  }
+  if (const auto& v = info.vdi) {
+    std::vector<std::string> f{
+        json_str_field("subformat", v->subformat),
+        json_str_field("version", v->version),
+        json_uint_field("header_size", v->header_size),
+        json_str_field("comment", v->comment),
+        json_uint_field("block_size", v->block_size),
+        json_uint_field("blocks_total", v->blocks_total),
+        json_uint_field("blocks_allocated", v->blocks_allocated),
+        json_uint_field("blocks_used", v->blocks_used),
+        json_str_field("uuid", v->uuid),
+        json_str_field("modify_uuid", v->modify_uuid),
+        json_str_field("parent_uuid", v->parent_uuid),
+        json_str_field("parent_modify_uuid", v->parent_modify_uuid),
+    };
+    top.push_back("\"vdi\": {\n" + join(f, "    ") + "  }");
+  }
+  return "{\n" + join(top, "  ") + "}\n";
+}
+
+std::string info_text(const ImageInfo& info) {
+  std::string out;
+  auto line = [&](std::string_view key, const std::string& value) {
+    out += fmt::format("{}: {}\n", key, value);
+  };
+  auto sub = [&](std::string_view key, const std::string& value) {
+    out += fmt::format("    {}: {}\n", key, value);
+  };
+  auto sized = [](uint64_t bytes) {
+    return fmt::format("{} ({} bytes)", human_size(bytes), bytes);
+  };
+  line("image", info.filename);
+  line("file format", info.format);
+  line("virtual size", sized(info.virtual_size));
+  line("file size", sized(info.file_size));
+  line("disk size", human_size(info.allocated_bytes));
+  if (const auto& v = info.vhd) {
+    if (v->subformat != "fixed") line("cluster_size", std::to_string(v->block_size));
+  }
+  if (const auto& v = info.vdi) line("cluster_size", std::to_string(v->block_size));
+  if (!info.not_served.empty()) line("not served", info.not_served);
+  if (info.vhd || info.vdi) out += "Format specific information:\n";
+  if (const auto& v = info.vhd) {
+    sub("subformat", v->subformat);
+    sub("creator app", fmt::format("\"{}\" version {} on \"{}\"", v->creator_app,
+                                   version_text(v->creator_version), v->creator_host_os));
+    sub("geometry", fmt::format("{}/{}/{} (C/H/S)", v->geometry.cylinders, v->geometry.heads,
+                                v->geometry.sectors_per_track));
+    sub("current size", std::to_string(v->current_size));
+    sub("CHS size",
+        v->geometry == vhd::max_geometry
+            ? fmt::format("{} (maximum geometry: it means \"see current size\")", v->chs_size)
+            : std::to_string(v->chs_size));
+    sub("size from", v->size_source);
+    if (v->qemu72_size != info.virtual_size) {
+      sub("qemu <= 9 size",
+          fmt::format("{} (differs: use force_size_calc=current_size)", v->qemu72_size));
+    }
+    sub("uuid", v->uuid);
+    if (v->footer_copy_used) sub("footer", "damaged; the copy at offset 0 was read");
+    if (v->subformat != "fixed") {
+      sub("blocks", fmt::format("{} allocated of {}", v->blocks_allocated, v->blocks_total));
+    }
+    if (v->subformat == "differencing") {
+      sub("parent name", v->parent_name);
+      sub("parent uuid", v->parent_uuid);
+    }
+  }
+  if (const auto& v = info.vdi) {
+    sub("subformat", v->subformat);
+    sub("version", v->version);
+    sub("blocks", fmt::format("{} allocated of {} ({} in use by the block map)",
+                              v->blocks_allocated, v->blocks_total, v->blocks_used));
+    sub("uuid", v->uuid);
+    sub("modify uuid", v->modify_uuid);
+    if (v->subformat == "differencing" || v->parent_uuid != formats::Uuid{}.to_string()) {
+      sub("parent uuid", v->parent_uuid);
+      sub("parent modify uuid", v->parent_modify_uuid);
+    }
+    if (!v->comment.empty()) sub("comment", json_string(v->comment));
+  }
+  return out;
+}
+
+const char* info_help() {
+  return R"(Usage: imagenbd info [-f FMT] [--json] IMAGE
+
+Show what a disk image is: its format (probed like 'imagenbd serve' does unless -f
+names it), virtual size, file size and allocated bytes, and per format: for VHD the
+subformat, creator, geometry, current_size and CHS size (and which one is served),
+block size and allocated blocks, UUID and the parent of a differencing disk; for VDI
+the type, version, block size, blocks allocated and total, and the UUIDs.
+
+Options:
+  -f, --format=FMT   raw, vhd (or vpc), vdi; default: probe
+      --json         machine-readable output (snake_case keys; see --output)
+      --output=FMT   human (default) or json, as in qemu-img
+  -h, --help         this text
+
+Exit status: 0 on success, 1 if the image cannot be read or is damaged (the message is
+the one 'serve' gives), 2 on usage errors.
+)";
+}
+
+int tool_info(int argc, char** argv) {
+  enum : int { opt_json = 1000, opt_output };
+  static const option long_options[] = {
+      {"format", required_argument, nullptr, 'f'},
+      {"json", no_argument, nullptr, opt_json},
+      {"output", required_argument, nullptr, opt_output},
+      {"help", no_argument, nullptr, 'h'},
+      {nullptr, 0, nullptr, 0},
+  };
+  formats::Format format = formats::Format::automatic;
+  bool json = false;
+  auto usage = [](const std::string& message) {
+    std::fprintf(stderr, "imagenbd info: %s\nTry 'imagenbd info --help' for more information.\n",
+                 message.c_str());
+    return 2;
+  };
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, "f:h", long_options, nullptr)) != -1) {
+    switch (c) {
+      case 'f':
+        try {
+          format = formats::parse_format(optarg);
+        } catch (const std::invalid_argument& e) {
+          return usage(e.what());
+        }
+        break;
+      case opt_json:
+        json = true;
+        break;
+      case opt_output:
+        if (std::strcmp(optarg, "json") == 0) {
+          json = true;
+        } else if (std::strcmp(optarg, "human") == 0) {
+          json = false;
+        } else {
+          return usage(fmt::format("invalid --output '{}' (human or json)", optarg));
+        }
+        break;
+      case 'h':
+        std::fputs(info_help(), stdout);
+        return 0;
+      default:
+        return usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
+    }
+  }
+  if (optind + 1 != argc) {
+    return usage(optind == argc ? "no image given" : "exactly one image expected");
+  }
+  try {
+    const ImageInfo info = gather_info(argv[optind], format);
+    std::fputs((json ? info_json(info) : info_text(info)).c_str(), stdout);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "imagenbd: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace imagenbd::server
