@@ -18,6 +18,7 @@
 #include "server/cli.hpp"
 #include "server/exports.hpp"
 #include "server/server.hpp"
+#include "server/tool_common.hpp"
 #include "server/tool_create.hpp"
 #include "server/tool_info.hpp"
 
@@ -38,22 +39,6 @@ Commands:
 )",
              stdout);
   std::fputs(server::serve_help(), stdout);
-}
-
-// Runs a coroutine to completion on a private io_context (startup work such as opening
-// images), rethrowing its exception.
-template <typename T>
-T run_now(boost::asio::awaitable<T> task) {
-  boost::asio::io_context ctx;
-  std::exception_ptr error;
-  std::optional<T> result;
-  boost::asio::co_spawn(ctx, std::move(task), [&](std::exception_ptr ep, T value) {
-    error = ep;
-    if (!ep) result = std::move(value);
-  });
-  ctx.run();
-  if (error) std::rethrow_exception(error);
-  return std::move(*result);
 }
 
 int serve(int argc, char** argv) {
@@ -86,7 +71,7 @@ int serve(int argc, char** argv) {
   auto registry = std::make_shared<server::ExportRegistry>();
   try {
     for (const auto& spec : cmd.exports) {
-      auto e = run_now(server::open_export(spec));
+      auto e = server::run_now(server::open_export(spec));
       const auto info = e->info();
       log::info("export '{}': {} ({}, {} bytes{})", e->name, e->device->describe(),
                 e->device->name(), info.size,
@@ -104,7 +89,7 @@ int serve(int argc, char** argv) {
   for (const auto& e : registry->all()) {
     if (!e->device->caps().flush || !e->device->caps().writable) continue;
     try {
-      run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
+      server::run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
         co_await d->flush();
         co_return 0;
       }(e->device));
