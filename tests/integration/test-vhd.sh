@@ -15,27 +15,6 @@ requires qemu-img qemu-io nbdinfo nbdcopy
 
 mib=$(( 1024 * 1024 ))
 
-# qemu-io on a local image (-f FORMAT) or on an export (-f raw); fails on any error.
-io ()   # FORMAT TARGET COMMANDS...
-{
-    local format=$1 target=$2 c
-    local -a cmds=()
-    shift 2
-    for c in "$@"; do cmds+=(-c "$c"); done
-    qemu-io -f "$format" "${cmds[@]}" "$target" >"$tmpdir/io.out" 2>&1 || {
-        cat "$tmpdir/io.out"; fail "qemu-io ${cmds[*]} on $target failed"
-    }
-    if grep -Ei 'fail|error|not permitted' "$tmpdir/io.out"; then
-        fail "qemu-io reported an error on $target"
-    fi
-}
-
-# map_types URI: "offset length type" per line from nbdinfo --map (type 0 data, 3 hole).
-map_types ()
-{
-    nbdinfo --map "$1" | awk '{ print $1, $2, $3 }' | tee "$tmpdir/map.txt"
-}
-
 # patch_bytes FILE OFFSET HEX: overwrite bytes in place.
 patch_bytes ()
 {
