@@ -390,3 +390,49 @@ map_types ()
 {
     nbdinfo --map "$1" | awk '{ print $1, $2, $3 }' | tee "$tmpdir/map.txt"
 }
+
+# patch_bytes FILE OFFSET HEX: overwrite bytes in place.
+patch_bytes ()
+{
+    printf "$(echo "$3" | sed 's/../\\x&/g')" |
+        dd of="$1" bs=1 seek="$2" conv=notrunc status=none
+}
+
+# fix_checksum FILE OFFSET SIZE CHECKSUM-FIELD: recompute a VHD checksum (formats.md §1.3).
+fix_checksum ()
+{
+    py3 - "$@" <<'EOF'
+import sys
+path, offset, size, field = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+with open(path, "r+b") as f:
+    f.seek(offset)
+    s = bytearray(f.read(size))
+    s[field:field + 4] = b"\0\0\0\0"
+    f.seek(offset + field)
+    f.write((~sum(s) & 0xFFFFFFFF).to_bytes(4, "big"))
+EOF
+}
+
+# both NAME [-o QEMU-IO-OPTIONS --] COMMANDS...: run the qemu-io commands on export NAME and
+# on $tmpdir/NAME.raw (a reference given the same writes); fails on any error.
+both ()   # NAME [-o QEMU-IO-OPTIONS --] COMMANDS...
+{
+    local name=$1 c
+    local -a opts=() cmds=()
+    shift
+    if [ "${1:-}" = -o ]; then
+        shift
+        while [ "$1" != -- ]; do opts+=("$1"); shift; done
+        shift
+    fi
+    for c in "$@"; do cmds+=(-c "$c"); done
+    for target in "$(nbd_uri "$name")" "$tmpdir/$name.raw"; do
+        qemu-io -f raw "${opts[@]}" "${cmds[@]}" "$target" >"$tmpdir/io.out" 2>&1 || {
+            cat "$tmpdir/io.out"; fail "qemu-io ${cmds[*]} on $target failed"
+        }
+        cat "$tmpdir/io.out"
+        if grep -Ei 'fail|error|not permitted' "$tmpdir/io.out"; then
+            fail "qemu-io reported an error on $target"
+        fi
+    done
+}

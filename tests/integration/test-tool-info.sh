@@ -37,21 +37,6 @@ qemu_get ()   # FORMAT FILE KEY
     qemu-img info -f "$1" --output=json "$2" |
         py3 -c "import json, sys; print(json.load(sys.stdin)['$3'])"
 }
-patch_bytes () { printf "$(echo "$3" | sed 's/../\\x&/g')" |
-                 dd of="$1" bs=1 seek="$2" conv=notrunc status=none; }
-fix_checksum ()   # FILE OFFSET SIZE CHECKSUM-FIELD (VHD, formats.md §1.3)
-{
-    py3 - "$@" <<'PY'
-import sys
-path, offset, size, field = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-with open(path, "r+b") as f:
-    f.seek(offset)
-    s = bytearray(f.read(size))
-    s[field:field + 4] = b"\0\0\0\0"
-    f.seek(offset + field)
-    f.write((~sum(s) & 0xFFFFFFFF).to_bytes(4, "big"))
-PY
-}
 
 # --- images made by qemu ----------------------------------------------------------------
 qemu-img create -f vpc -o subformat=fixed,force_size=on "$tmpdir/fixed.vhd" 24M

@@ -60,28 +60,6 @@ head -c $(( 16 * mib - 3 * 4096 )) /dev/urandom >"$tmpdir/random.bin"
 truncate -s 16M "$tmpdir/random.bin"  # ends in zeroes: nbdcopy may zero, not write, them
 
 start_imagenbd w="$tmpdir/w.vdi" ws="$tmpdir/ws.vdi" copy="$tmpdir/copy.vdi"
-# Each step: commands for the export and the raw file (the raw file gets the same ones).
-both ()   # NAME [QEMU-IO-OPTIONS --] COMMANDS...
-{
-    local name=$1 c
-    local -a opts=() cmds=()
-    shift
-    if [ "${1:-}" = -o ]; then
-        shift
-        while [ "$1" != -- ]; do opts+=("$1"); shift; done
-        shift
-    fi
-    for c in "$@"; do cmds+=(-c "$c"); done
-    for target in "$(nbd_uri "$name")" "$tmpdir/$name.raw"; do
-        qemu-io -f raw "${opts[@]}" "${cmds[@]}" "$target" >"$tmpdir/io.out" 2>&1 || {
-            cat "$tmpdir/io.out"; fail "qemu-io ${cmds[*]} on $target failed"
-        }
-        cat "$tmpdir/io.out"
-        if grep -Ei 'fail|error|not permitted' "$tmpdir/io.out"; then
-            fail "qemu-io reported an error on $target"
-        fi
-    done
-}
 # Allocating writes (FUA: qemu-io's default writethrough cache), then in-place ones.
 both w 'write -P 0x41 0 64k' 'write -P 0x42 1M 1M' 'write -P 0x43 20M 4k' \
        'write -P 0x44 64k 4k'

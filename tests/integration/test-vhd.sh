@@ -15,28 +15,6 @@ requires qemu-img qemu-io nbdinfo nbdcopy
 
 mib=$(( 1024 * 1024 ))
 
-# patch_bytes FILE OFFSET HEX: overwrite bytes in place.
-patch_bytes ()
-{
-    printf "$(echo "$3" | sed 's/../\\x&/g')" |
-        dd of="$1" bs=1 seek="$2" conv=notrunc status=none
-}
-
-# fix_checksum FILE OFFSET SIZE CHECKSUM-FIELD: recompute a VHD checksum (formats.md §1.3).
-fix_checksum ()
-{
-    py3 - "$@" <<'EOF'
-import sys
-path, offset, size, field = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-with open(path, "r+b") as f:
-    f.seek(offset)
-    s = bytearray(f.read(size))
-    s[field:field + 4] = b"\0\0\0\0"
-    f.seek(offset + field)
-    f.write((~sum(s) & 0xFFFFFFFF).to_bytes(4, "big"))
-EOF
-}
-
 # --- 1. qemu-made images are served as qemu reads them ---------------------------------
 # force_size=on: exact sizes, creator "qem2", geometry 65535/16/255. Without it (chs.vhd),
 # qemu rounds 10M up to a CHS-exact 10,514,432 bytes, creator "qemu".
@@ -88,28 +66,6 @@ head -c $(( 16 * mib - 3 * 4096 )) /dev/urandom >"$tmpdir/random.bin"
 truncate -s 16M "$tmpdir/random.bin"  # ends in zeroes: nbdcopy may zero, not write, them
 
 start_imagenbd w="$tmpdir/w.vhd" wf="$tmpdir/wf.vhd" copy="$tmpdir/copy.vhd"
-# Each step: commands for the export and the raw file (the raw file gets the same ones).
-both ()   # NAME [-o QEMU-IO-OPTIONS --] COMMANDS...
-{
-    local name=$1 c
-    local -a opts=() cmds=()
-    shift
-    if [ "${1:-}" = -o ]; then
-        shift
-        while [ "$1" != -- ]; do opts+=("$1"); shift; done
-        shift
-    fi
-    for c in "$@"; do cmds+=(-c "$c"); done
-    for target in "$(nbd_uri "$name")" "$tmpdir/$name.raw"; do
-        qemu-io -f raw "${opts[@]}" "${cmds[@]}" "$target" >"$tmpdir/io.out" 2>&1 || {
-            cat "$tmpdir/io.out"; fail "qemu-io ${cmds[*]} on $target failed"
-        }
-        cat "$tmpdir/io.out"
-        if grep -Ei 'fail|error|not permitted' "$tmpdir/io.out"; then
-            fail "qemu-io reported an error on $target"
-        fi
-    done
-}
 # Allocating writes (FUA: qemu-io's default writethrough cache), then in-place ones.
 both w 'write -P 0x41 0 64k' 'write -P 0x42 2M 2M' 'write -P 0x43 20M 4k' \
        'write -P 0x44 64k 4k'
