@@ -99,10 +99,12 @@ asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options) {
                        RawOptions{.read_only = options.read_only, .probed = probed});
   }
   if (format == Format::vhd) {
-    co_return co_await open_vhd(std::move(child), VhdOptions{.read_only = options.read_only});
+    co_return co_await open_vhd(
+        std::move(child), VhdOptions{.read_only = options.read_only, .parents = options.parents});
   }
   if (format == Format::vdi) {
-    co_return co_await open_vdi(std::move(child), VdiOptions{.read_only = options.read_only});
+    co_return co_await open_vdi(
+        std::move(child), VdiOptions{.read_only = options.read_only, .parents = options.parents});
   }
   if (probed) {
     backends::fail(std::errc::operation_not_supported,

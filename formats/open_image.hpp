@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "backends/block_device.hpp"
+#include "formats/parent_finder.hpp"
 
 namespace imagenbd::formats {
 
@@ -24,6 +25,7 @@ std::string_view format_name(Format format);
 struct ImageOptions {
   Format format = Format::automatic;
   bool read_only = false;
+  ParentChain parents;  // how differencing images find their parents
 };
 
 // Pure: the format whose magic `head` (the first bytes of the image, up to 512) and `tail`

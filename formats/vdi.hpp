@@ -6,6 +6,7 @@
 #pragma once
 
 #include "backends/block_device.hpp"
+#include "formats/parent_finder.hpp"
 
 namespace imagenbd::formats {
 
@@ -14,6 +15,7 @@ namespace asio = boost::asio;
 
 struct VdiOptions {
   bool read_only = false;  // no writes; also the only way to serve images with nil UUIDs
+  ParentChain parents;     // differencing images: how to find the parent
 };
 
 // Reads and checks the header and the whole block map of the VDI image in child, and

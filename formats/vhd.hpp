@@ -4,6 +4,7 @@
 #pragma once
 
 #include "backends/block_device.hpp"
+#include "formats/parent_finder.hpp"
 #include "formats/vhd_layout.hpp"
 
 namespace imagenbd::formats {
@@ -16,6 +17,7 @@ struct VhdOptions {
   // Where the virtual size comes from (formats.md §1.10). automatic: current_size, except
   // CHS geometry for images made by Virtual PC ("vpc ") and qemu's rounded sizes ("qemu").
   vhd::SizePolicy size = vhd::SizePolicy::automatic;
+  ParentChain parents;  // differencing disks: how to find the parent
 };
 
 // Reads and checks the footer (falling back to the copy at offset 0 of a dynamic disk whose

@@ -5,7 +5,7 @@ set -euo pipefail
 
 build_packages=(cmake ninja-build g++ ccache libboost-dev libfmt-dev doctest-dev)
 # The real NBD clients the tests drive, and the peers the benchmarks compare against.
-test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs)
+test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs libvhdi-utils)
 
 packages=("${build_packages[@]}")
 if [[ "${1:-build}" == test ]]; then packages+=("${test_packages[@]}"); fi

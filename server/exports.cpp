@@ -6,6 +6,7 @@
 #include "backends/file.hpp"
 #include "backends/log.hpp"
 #include "backends/memory.hpp"
+#include "server/local_parents.hpp"
 
 namespace imagenbd::server {
 
@@ -68,8 +69,10 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
   auto e = std::make_shared<Export>();
   e->name = spec.name;
   e->description = spec.description;
-  e->device =
-      co_await formats::open_image(leaf, {.format = spec.format, .read_only = spec.read_only});
+  // Parents are opened now, once per export; the finder is not needed afterwards.
+  const formats::ParentFinder parents = local_parent_finder();
+  e->device = co_await formats::open_image(
+      leaf, {.format = spec.format, .read_only = spec.read_only, .parents = {.finder = &parents}});
   co_return e;
 }
 

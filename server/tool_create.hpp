@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -17,11 +18,26 @@
 
 namespace imagenbd::server {
 
+// create --parent: what a new differencing image records of its parent, read from the
+// parent (which must be of the same format) before planning.
+struct ParentImage {
+  std::string path;           // as the user gave it
+  std::string absolute_path;  // its realpath; relative locators are computed from the two
+  formats::Format format = formats::Format::raw;
+  uint64_t size = 0;           // the parent's virtual size: the default SIZE
+  formats::Uuid uuid;          // vhd: footer unique_id; vdi: uuid_create
+  formats::Uuid modify_uuid;   // vdi: uuid_modify
+  uint32_t vhd_timestamp = 0;  // vhd: footer timestamp
+  uint32_t block_size = 0;     // dynamic vhd / vdi block size; 0 when the parent has none
+};
+
 struct CreateRequest {
   formats::Format format = formats::Format::raw;
   std::string subformat;    // "" = the default: vhd dynamic, vdi dynamic
   uint32_t block_size = 0;  // 0 = the format's default (vhd 2 MiB, vdi 1 MiB)
   uint64_t size = 0;
+  std::string path;                   // the new file (for relative parent locators)
+  std::optional<ParentImage> parent;  // a differencing image of this parent
 };
 
 // What to put in the new file: its length (the rest reads as zeroes) and the metadata.
