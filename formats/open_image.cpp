@@ -99,8 +99,9 @@ asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options) {
                        RawOptions{.read_only = options.read_only, .probed = probed});
   }
   if (format == Format::vhd) {
-    co_return co_await open_vhd(
-        std::move(child), VhdOptions{.read_only = options.read_only, .parents = options.parents});
+    co_return co_await open_vhd(std::move(child), VhdOptions{.read_only = options.read_only,
+                                                             .size = options.vhd_size,
+                                                             .parents = options.parents});
   }
   if (format == Format::vdi) {
     co_return co_await open_vdi(

@@ -8,6 +8,7 @@
 
 #include "backends/block_device.hpp"
 #include "formats/parent_finder.hpp"
+#include "formats/vhd_layout.hpp"
 
 namespace imagenbd::formats {
 
@@ -25,6 +26,7 @@ std::string_view format_name(Format format);
 struct ImageOptions {
   Format format = Format::automatic;
   bool read_only = false;
+  vhd::SizePolicy vhd_size = vhd::SizePolicy::automatic;  // VHD only (formats.md §1.10)
   ParentChain parents;  // how differencing images find their parents
 };
 

@@ -15,6 +15,8 @@ enum LongOnly : int {
   opt_handshake_timeout,
   opt_debug,
   opt_blocking_threads,
+  opt_parent,
+  opt_vhd_size,
 };
 
 const option long_options[] = {
@@ -29,6 +31,8 @@ const option long_options[] = {
     {"read-only", no_argument, nullptr, 'r'},
     {"readonly", no_argument, nullptr, 'r'},
     {"format", required_argument, nullptr, 'f'},
+    {"parent", required_argument, nullptr, opt_parent},
+    {"vhd-size", required_argument, nullptr, opt_vhd_size},
     {"threads", required_argument, nullptr, opt_threads},
     {"blocking-threads", required_argument, nullptr, opt_blocking_threads},
     {"pid-file", required_argument, nullptr, opt_pid_file},
@@ -79,6 +83,12 @@ Exports:
   -f, --format=FORMAT        image format: raw, vhd (fixed, dynamic) or vdi (static,
                              dynamic); default: probe the image by its magic (a raw
                              image is never taken for another format on writes)
+      --parent=FILE          the parent of a differencing IMAGE, instead of the one its
+                             VHD parent locators name or, for VDI, the image with its
+                             parent UUID in the same directory (checked by UUID)
+      --vhd-size=POLICY      where a VHD's virtual size comes from: auto (default:
+                             current_size, except the CHS geometry for images made by
+                             Virtual PC and old qemu), current_size, or chs
 
 Server:
       --threads=NUM          I/O threads (default: one per CPU)
@@ -110,6 +120,8 @@ ServeCommand parse_serve(int argc, char** argv) {
   std::optional<std::string> export_name;
   std::optional<std::string> description;
   formats::Format format = formats::Format::automatic;
+  formats::vhd::SizePolicy vhd_size = formats::vhd::SizePolicy::automatic;
+  std::string parent;
   bool read_only = false;
   bool port_given = false;
   int verbosity = 0;
@@ -149,6 +161,21 @@ ServeCommand parse_serve(int argc, char** argv) {
           format = formats::parse_format(arg);
         } catch (const std::invalid_argument& e) {
           throw UsageError(e.what());
+        }
+        break;
+      case opt_parent:
+        if (arg.empty()) throw UsageError("--parent needs a file name");
+        parent = arg;
+        break;
+      case opt_vhd_size:
+        if (arg == "auto") {
+          vhd_size = formats::vhd::SizePolicy::automatic;
+        } else if (arg == "current_size") {
+          vhd_size = formats::vhd::SizePolicy::current_size;
+        } else if (arg == "chs") {
+          vhd_size = formats::vhd::SizePolicy::chs;
+        } else {
+          throw UsageError("invalid --vhd-size '" + arg + "' (known: auto, current_size, chs)");
         }
         break;
       case opt_threads:
@@ -206,6 +233,9 @@ ServeCommand parse_serve(int argc, char** argv) {
 
   std::vector<std::string> images(argv + optind, argv + argc);
   if (images.empty()) throw UsageError("no image given: imagenbd serve [OPTIONS] [NAME=]IMAGE...");
+  if (!parent.empty() && images.size() > 1) {
+    throw UsageError("--parent applies to a single image; serve the others separately");
+  }
   for (const auto& image : images) {
     ExportSpec spec;
     auto eq = image.find('=');
@@ -226,6 +256,8 @@ ServeCommand parse_serve(int argc, char** argv) {
     spec.description = description.value_or("");
     spec.format = format;
     spec.read_only = read_only;
+    spec.parent = parent;
+    spec.vhd_size = vhd_size;
     cmd.exports.push_back(std::move(spec));
   }
   return cmd;

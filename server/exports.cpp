@@ -70,9 +70,11 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
   e->name = spec.name;
   e->description = spec.description;
   // Parents are opened now, once per export; the finder is not needed afterwards.
-  const formats::ParentFinder parents = local_parent_finder();
-  e->device = co_await formats::open_image(
-      leaf, {.format = spec.format, .read_only = spec.read_only, .parents = {.finder = &parents}});
+  const formats::ParentFinder parents = local_parent_finder(spec.parent);
+  e->device = co_await formats::open_image(leaf, {.format = spec.format,
+                                                  .read_only = spec.read_only,
+                                                  .vhd_size = spec.vhd_size,
+                                                  .parents = {.finder = &parents}});
   co_return e;
 }
 

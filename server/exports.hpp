@@ -13,6 +13,7 @@
 
 #include "backends/block_device.hpp"
 #include "formats/open_image.hpp"
+#include "formats/vhd_layout.hpp"
 #include "protocol/handshake.hpp"
 
 namespace imagenbd::server {
@@ -24,6 +25,8 @@ struct ExportSpec {
   std::string image;  // a path, file:PATH, or memory:SIZE
   formats::Format format = formats::Format::automatic;
   bool read_only = false;
+  std::string parent;  // --parent: a differencing image's parent, or "" to find it
+  formats::vhd::SizePolicy vhd_size = formats::vhd::SizePolicy::automatic;
 };
 
 struct Export {

@@ -8,7 +8,7 @@
 source "$(dirname "$0")/functions.sh"
 set -x
 
-requires timeout nbdinfo
+requires timeout nbdinfo qemu-img
 
 # run_fail NAME ARGS...: imagenbd ARGS must exit non-zero within 10 s, without writing
 # its pidfile; output in $tmpdir/NAME.out.
@@ -102,3 +102,23 @@ grep -Eiq "in use|address already" "$tmpdir/inuse.out" || fail "port in use: mes
 # The first server is unharmed.
 [ "$(nbdinfo --size "$(nbd_uri first)")" = 1048576 ] || fail "first server broken by the second"
 stop_imagenbd
+
+# --vhd-size: a bad policy is a usage error naming it. A fixed 10 MiB VHD whose footer
+# says geometry 20/16/63 (10,321,920 bytes): auto and current_size serve current_size
+# (creator "qem2"), chs serves the geometry's size.
+run_fail badpolicy serve --vhd-size=sideways -k "$sockdir/badpolicy.sock" memory:1M
+must_contain "$tmpdir/badpolicy.out" "sideways" "bad --vhd-size: the message does not name it"
+qemu-img create -q -f vpc -o subformat=fixed,force_size=on "$tmpdir/geo.vhd" 10M
+footer=$(( 10 * 1024 * 1024 ))
+patch_bytes "$tmpdir/geo.vhd" $(( footer + 0x38 )) 0014103f
+fix_checksum "$tmpdir/geo.vhd" "$footer" 512 $(( 0x40 ))
+for policy in auto:10485760 current_size:10485760 chs:10321920; do
+    start_imagenbd --vhd-size="${policy%%:*}" -x geo "$tmpdir/geo.vhd"
+    [ "$(nbdinfo --size "$(nbd_uri geo)")" = "${policy#*:}" ] ||
+        fail "--vhd-size=${policy%%:*}: size is not ${policy#*:}"
+    stop_imagenbd
+done
+
+# --parent names the parent of one image only.
+run_fail twoparents serve --parent "$tmpdir/geo.vhd" -k "$sockdir/tp.sock" a=memory:1M b=memory:1M
+must_contain "$tmpdir/twoparents.out" "--parent" "--parent with two images: unclear message"
