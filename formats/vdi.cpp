@@ -6,8 +6,11 @@
 // always what is in memory, so a run of map entries can be rewritten from memory.
 //
 // Unallocated blocks come in two kinds: free (never written) and zero (discarded). Both
-// read as zeroes here; a differencing image will read free blocks from its parent instead
-// (read_unallocated and the fill of a new block in allocate are the two places).
+// read as zeroes in a base image. A differencing image reads free blocks from its parent
+// (opened read-only, a VDI of any type, found by vdi_parent) and zero blocks as zeroes:
+// a zero entry hides the parent. VDI has no sector bitmap, so the first write to a free
+// block copies the rest of the block up from the parent (allocate); a child larger than
+// its parent reads zeroes past the parent's end (VirtualBox resizes differencing images).
 #include "formats/vdi.hpp"
 
 #include <algorithm>
@@ -22,6 +25,7 @@
 #include "backends/error.hpp"
 #include "backends/log.hpp"
 #include "formats/vdi_layout.hpp"
+#include "formats/vdi_parent.hpp"
 
 namespace imagenbd::formats {
 
@@ -36,6 +40,7 @@ using vdi::is_allocated;
 constexpr std::size_t max_extents = 1024;         // per extents() call; callers ask again
 constexpr std::size_t map_read_chunk = 4u << 20;  // block map bytes per child read at open
 constexpr uint64_t one_page = 4096;               // written whole or not at all if killed
+constexpr uint64_t copy_chunk = 4u << 20;         // parent bytes per read when copying up
 
 bool is_zero(std::span<const std::byte> s) {
   return s.empty() ||
@@ -56,10 +61,12 @@ class Vdi final : public backends::BlockDevice {
  public:
   Vdi(DevicePtr child, vdi::Header header, std::span<const std::byte> sector0,
       const vdi::Layout& layout, std::span<const uint32_t> entries, uint32_t next_physical,
-      bool writable)
+      bool writable, DevicePtr parent)
       : child_(std::move(child)),
         child_caps_(child_->caps()),
         layout_(layout),
+        parent_(std::move(parent)),
+        parent_size_(parent_ ? parent_->size() : 0),
         map_(std::make_unique<std::atomic<uint32_t>[]>(layout.blocks)),
         header_(std::move(header)),
         next_physical_(next_physical) {
@@ -97,7 +104,7 @@ class Vdi final : public backends::BlockDevice {
       if (is_allocated(run.entry)) {
         co_await child_->read(run.file_offset, piece);
       } else {
-        co_await read_unallocated(run.entry, piece);
+        co_await read_unallocated(run.entry, offset + done, piece);
       }
       done += run.length;
     }
@@ -129,7 +136,8 @@ class Vdi final : public backends::BlockDevice {
 
   // Allocated blocks keep their place in the map (giving one back would leave a hole in
   // the physical order that qemu-img check reports as "allocated blocks mismatch"); the
-  // child releases the space inside them instead.
+  // child releases the space inside them instead. Free blocks stay free: in a differencing
+  // image they keep showing the parent, which a trim allows (zero() must not do that).
   asio::awaitable<void> trim(uint64_t offset, uint64_t length, WriteFlags flags) override {
     check_writable("trim");
     co_await note_modified();
@@ -141,48 +149,84 @@ class Vdi final : public backends::BlockDevice {
     if (flags.fua) co_await child_->flush();
   }
 
-  // Whole free blocks are marked zero (a metadata write, no data); allocated ranges are
-  // zeroed in the child, which may punch holes unless no_hole is set. The partial ends of
-  // free runs already read as zeroes (in a differencing image they will need a block).
+  // Whole free blocks are marked zero (a metadata write, no data; in a differencing image
+  // the entry hides the parent); allocated ranges are zeroed in the child, which may punch
+  // holes unless no_hole is set. The partial ends of free runs already read as zeroes in a
+  // base image; in a differencing image they get a block (copied up from the parent, the
+  // range left zero) unless the parent reads zeroes there too.
   asio::awaitable<void> zero(uint64_t offset, uint64_t length, WriteFlags flags) override {
     check_writable("zero");
     co_await note_modified();
     const WriteFlags child_flags{.no_hole = flags.no_hole, .fast = flags.fast};
+    bool allocated = false;
     for (uint64_t done = 0; done < length;) {
       const uint64_t at = offset + done;
       const Run run = run_at(at, length - done);
       if (is_allocated(run.entry)) {
         co_await child_->zero(run.file_offset, run.length, child_flags);
       } else if (run.entry == vdi::entry_free) {
-        const uint32_t first = block_index(at + layout_.block_size - 1);
-        const uint32_t end = block_index_end(at + run.length);
-        if (first < end) co_await mark_zero(first, end, child_flags);
+        allocated |= co_await zero_free(at, run.length, child_flags);
       }
       done += run.length;
     }
-    if (flags.fua) co_await child_->flush();
+    if (flags.fua || allocated) co_await child_->flush();
   }
 
+  // Allocated blocks are data; zero blocks are holes (they read as zeroes and store
+  // nothing, as qemu reports zero clusters of an overlay); free blocks are holes in a base
+  // image and the parent's extents in a differencing one.
   asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) override {
     std::vector<Extent> out;
-    for (uint64_t done = 0; done < length;) {
-      const Run run = run_at(offset + done, length - done);
-      const ExtentKind kind = is_allocated(run.entry) ? ExtentKind::data : ExtentKind::hole;
-      if (!out.empty() && out.back().kind == kind) {
-        out.back().length += run.length;
-      } else {
-        if (out.size() == max_extents) break;
-        out.push_back(Extent{run.length, kind});
+    // False once the list is full and `e` would need a new entry.
+    auto add = [&out](Extent e) {
+      if (!out.empty() && out.back().kind == e.kind) {
+        out.back().length += e.length;
+        return true;
       }
-      done += run.length;
+      if (out.size() == max_extents) return false;
+      out.push_back(e);
+      return true;
+    };
+    for (uint64_t done = 0; done < length;) {
+      const uint64_t at = offset + done;
+      const Run run = run_at(at, length - done);
+      if (run.entry != vdi::entry_free || !parent_) {
+        if (!add({run.length, is_allocated(run.entry) ? ExtentKind::data : ExtentKind::hole})) {
+          break;
+        }
+        done += run.length;
+        continue;
+      }
+      // The parent answers for what it covers, maybe for less than asked: then stop there.
+      const uint64_t in_parent = parent_bytes(at, run.length);
+      uint64_t covered = 0;
+      bool full = false;
+      if (in_parent > 0) {
+        for (const Extent& e : co_await parent_->extents(at, in_parent)) {
+          if (!add(e)) {
+            full = true;
+            break;
+          }
+          covered += e.length;
+        }
+      }
+      done += covered;
+      if (full || covered < in_parent) break;
+      if (run.length > in_parent && !add({run.length - in_parent, ExtentKind::hole})) break;
+      done += run.length - in_parent;
     }
     co_return out;
   }
 
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     for (uint64_t done = 0; done < length;) {
-      const Run run = run_at(offset + done, length - done);
-      if (is_allocated(run.entry)) co_await child_->prefetch(run.file_offset, run.length);
+      const uint64_t at = offset + done;
+      const Run run = run_at(at, length - done);
+      if (is_allocated(run.entry)) {
+        co_await child_->prefetch(run.file_offset, run.length);
+      } else if (run.entry == vdi::entry_free && parent_) {
+        if (const uint64_t n = parent_bytes(at, run.length)) co_await parent_->prefetch(at, n);
+      }
       done += run.length;
     }
   }
@@ -239,11 +283,75 @@ class Vdi final : public backends::BlockDevice {
     if (fua && !child_caps_.fua) co_await child_->flush();
   }
 
-  // Free and zero blocks read as zeroes. A differencing image reads free ones from its
-  // parent here.
-  asio::awaitable<void> read_unallocated(uint32_t, std::span<std::byte> out) {
-    std::memset(out.data(), 0, out.size());
-    co_return;
+  // How many of the `length` bytes at virtual `offset` the parent holds (a child may be
+  // larger than its parent).
+  uint64_t parent_bytes(uint64_t offset, uint64_t length) const {
+    return offset < parent_size_ ? std::min(length, parent_size_ - offset) : 0;
+  }
+
+  // Free blocks of a differencing image read from the parent (zeroes past its end); zero
+  // blocks, and free blocks of a base image, read as zeroes.
+  asio::awaitable<void> read_unallocated(uint32_t entry, uint64_t offset,
+                                         std::span<std::byte> out) {
+    std::size_t n = 0;
+    if (entry == vdi::entry_free && parent_) {
+      n = static_cast<std::size_t>(parent_bytes(offset, out.size()));
+      const std::size_t chunk = parent_->caps().block_max;
+      for (std::size_t done = 0; done < n;) {
+        const std::size_t len = std::min(chunk, n - done);
+        co_await parent_->read(offset + done, out.subspan(done, len));
+        done += len;
+      }
+    }
+    std::memset(out.data() + n, 0, out.size() - n);
+  }
+
+  // True when the parent reads zeroes in [offset, offset + length) (or there is none).
+  asio::awaitable<bool> parent_reads_zero(uint64_t offset, uint64_t length) {
+    const uint64_t n = parent_ ? parent_bytes(offset, length) : 0;
+    for (uint64_t done = 0; done < n;) {
+      const auto extents = co_await parent_->extents(offset + done, n - done);
+      if (extents.empty()) no_extents();
+      for (const Extent& e : extents) {
+        if (e.kind == ExtentKind::data) co_return false;
+        done += e.length;
+      }
+    }
+    co_return true;
+  }
+
+  // A parent that answers extents() with nothing would make the loops above spin.
+  [[noreturn]] void no_extents() const {
+    backends::fail(std::errc::io_error, "vdi: {}: the parent {} reported no extents", describe(),
+                   parent_->describe());
+  }
+
+  // Zeroes [offset, offset + length), a run of free blocks: whole blocks are marked zero;
+  // in a differencing image a partial block gets a block of its own unless the parent
+  // reads zeroes there. Returns true when it allocated (a flush is due).
+  asio::awaitable<bool> zero_free(uint64_t offset, uint64_t length, WriteFlags child_flags) {
+    bool allocated = false;
+    const uint64_t end = offset + length;
+    for (uint64_t at = offset; at < end;) {
+      const uint32_t index = block_index(at);
+      const uint64_t block_start = uint64_t{index} * layout_.block_size;
+      const uint64_t block_end = block_start + layout_.block_bytes(index);
+      if (at == block_start && end >= block_end) {
+        const uint32_t whole_end = block_index_end(end);
+        co_await mark_zero(index, whole_end, child_flags);
+        at = whole_end == layout_.blocks ? layout_.disk_size
+                                         : uint64_t{whole_end} * layout_.block_size;
+        continue;
+      }
+      const uint64_t n = std::min(block_end, end) - at;
+      if (parent_ && !co_await parent_reads_zero(at, n)) {
+        co_await allocate(index, static_cast<uint32_t>(at - block_start), static_cast<uint32_t>(n),
+                          {});
+        allocated = true;
+      }
+      at += n;
+    }
+    co_return allocated;
   }
 
   // Writes `in` (at virtual `offset`, all in unallocated blocks) block by block.
@@ -259,14 +367,16 @@ class Vdi final : public backends::BlockDevice {
       if (in_block == 0 && n == layout_.block_bytes(index) && is_zero(piece)) {
         co_await mark_zero(index, index + 1, {});
       } else {
-        co_await allocate(index, in_block, piece);
+        co_await allocate(index, in_block, static_cast<uint32_t>(n), piece);
       }
       done += n;
     }
   }
 
-  // Gives block `index` a physical block holding `piece` at `in_block` and zeroes
-  // elsewhere, in the order of formats.md §2.6 (data, header count, map entry):
+  // Gives block `index` a physical block holding `piece` (`length` bytes; zeroes when
+  // piece is empty) at `in_block`, and elsewhere the parent's data if the block was free in
+  // a differencing image, else zeroes. In the order of formats.md §2.6 (data, header
+  // count, map entry):
   //   1. the data, in a block past the last one (growing the child) or in a leaked one;
   //   2. a flush: the data is durable before anything points at it;
   //   3. the header, with the block count that now includes the block;
@@ -278,13 +388,18 @@ class Vdi final : public backends::BlockDevice {
   // data is durable. 3 and 4 go in one write when they share a page (see
   // write_count_and_entry), so a killed process leaves no leak with qemu's layout. One
   // flush per allocation, as in qemu; FUA adds the second.
-  asio::awaitable<void> allocate(uint32_t index, uint32_t in_block,
+  asio::awaitable<void> allocate(uint32_t index, uint32_t in_block, uint32_t length,
                                  std::span<const std::byte> piece) {
     auto guard = co_await mutex_.scoped();
-    if (const uint32_t e = entry(index); is_allocated(e)) {
+    const uint32_t old = entry(index);
+    if (is_allocated(old)) {
       // Another writer allocated the block while we waited for the lock.
       guard.unlock();
-      co_await child_->write(layout_.block_data(e) + in_block, piece, {});
+      if (piece.empty()) {
+        co_await child_->zero(layout_.block_data(old) + in_block, length, {});
+      } else {
+        co_await child_->write(layout_.block_data(old) + in_block, piece, {});
+      }
       co_return;
     }
     // Blocks leaked by an interrupted allocation (counted, but in no map entry) are used
@@ -304,15 +419,49 @@ class Vdi final : public backends::BlockDevice {
     const uint64_t end = layout_.block_end(physical);
     const uint64_t file_size = child_->size();
     // Growing the file gives zeroes. A block that lies (partly) inside the file already
-    // holds what an interrupted allocation left there: zero it first. (A differencing image
-    // copies the parent's block here instead.)
+    // holds what an interrupted allocation left there: zero it first.
     if (start < file_size) co_await child_->zero(start, std::min(end, file_size) - start, {});
     if (end > file_size) co_await child_->resize(end);
-    co_await child_->write(layout_.block_data(physical) + in_block, piece, {});
+    if (old == vdi::entry_free && parent_) {
+      // Copy-up: no sector bitmap says which bytes are the child's, so the block must hold
+      // the parent's bytes around the piece. Serialised with the other allocations under
+      // the lock (the parent is read-only: what it holds cannot change meanwhile).
+      co_await copy_up(index, physical, 0, in_block);
+      co_await copy_up(index, physical, in_block + length, layout_.block_bytes(index));
+    }
+    if (!piece.empty()) co_await child_->write(layout_.block_data(physical) + in_block, piece, {});
     co_await child_->flush();
     co_await write_count_and_entry(index, physical);
     map_[index].store(physical, std::memory_order_release);
     log::data("vdi: {}: block {} allocated at physical block {}", describe(), index, physical);
+  }
+
+  // Copies bytes [from, to) of virtual block `index` from the parent into physical block
+  // `physical`, which reads as zeroes: only the parent's data extents are read and written.
+  asio::awaitable<void> copy_up(uint32_t index, uint32_t physical, uint32_t from, uint32_t to) {
+    const uint64_t block_start = uint64_t{index} * layout_.block_size;
+    const uint64_t begin = block_start + from;
+    const uint64_t n = from < to ? parent_bytes(begin, to - from) : 0;
+    const uint64_t chunk = std::min<uint64_t>(
+        {copy_chunk, parent_->caps().block_max, child_caps_.block_max, layout_.block_size});
+    std::vector<std::byte> buffer;
+    for (uint64_t done = 0; done < n;) {
+      const auto extents = co_await parent_->extents(begin + done, n - done);
+      if (extents.empty()) no_extents();
+      for (const Extent& e : extents) {
+        if (e.kind == ExtentKind::data) {
+          buffer.resize(static_cast<std::size_t>(std::min(chunk, e.length)));
+          for (uint64_t copied = 0; copied < e.length;) {
+            const uint64_t at = begin + done + copied;
+            const auto piece = std::span(buffer).first(std::min(chunk, e.length - copied));
+            co_await parent_->read(at, piece);
+            co_await child_->write(layout_.block_data(physical) + (at - block_start), piece, {});
+            copied += piece.size();
+          }
+        }
+        done += e.length;
+      }
+    }
   }
 
   // Marks the free blocks in [first, end) zero, writing the map entries of the run at once.
@@ -393,6 +542,8 @@ class Vdi final : public backends::BlockDevice {
   const DevicePtr child_;
   const Caps child_caps_;
   const vdi::Layout layout_;
+  const DevicePtr parent_;  // differencing images: the read-only parent; null otherwise
+  const uint64_t parent_size_;
   Caps caps_;
   std::unique_ptr<std::atomic<uint32_t>[]> map_;
   std::atomic<bool> modified_{false};
@@ -419,16 +570,8 @@ vdi::Layout check_image(const DevicePtr& child, const vdi::Header& header, uint6
                         bool writable) {
   const auto checked = vdi::check_header(header, file_size);
   if (!checked.ok()) refuse(child, checked.problem());
-  switch (static_cast<vdi::ImageType>(header.image_type)) {
-    case vdi::ImageType::differencing:
-      refuse(child, std::errc::operation_not_supported,
-             "differencing VDI is not supported yet (parent UUID {})",
-             header.uuid_linkage.to_string());
-    case vdi::ImageType::undo:
-      refuse(child, std::errc::operation_not_supported,
-             "undo VDI images (type 3) are not supported");
-    default:
-      break;
+  if (header.image_type == static_cast<uint32_t>(vdi::ImageType::undo)) {
+    refuse(child, std::errc::operation_not_supported, "undo VDI images (type 3) are not supported");
   }
   for (const auto& [uuid, field] : {std::pair{&header.uuid_create, "uuidCreate"},
                                     std::pair{&header.uuid_modify, "uuidModify"}}) {
@@ -477,6 +620,29 @@ std::pair<std::vector<uint32_t>, uint32_t> check_map(const DevicePtr& child,
   return {std::move(entries), next};
 }
 
+// The parent of a differencing image, opened read-only as a VDI with the rest of its
+// chain. It may be smaller than the child (VirtualBox resizes differencing images; the
+// child reads zeroes past the parent's end), never larger. Throws.
+asio::awaitable<DevicePtr> open_parent(backends::BlockDevice& child, const vdi::Header& header,
+                                       const vdi::Layout& layout, const ParentChain& chain) {
+  vdi::FoundParent found = co_await vdi::find_parent(child, header, chain);
+  const std::string parent_name = found.device->describe();
+  // A named options object: GCC 12 destroys aggregate temporaries in a co_await
+  // expression twice.
+  VdiOptions options{.read_only = true, .parents = {.finder = chain.finder, .names = chain.names}};
+  options.parents.names.push_back(child.describe());
+  DevicePtr parent = co_await open_vdi(std::move(found.device), options);
+  if (parent->size() > layout.disk_size) {
+    backends::fail(std::errc::invalid_argument,
+                   "vdi: {}: its parent {} is {} bytes, larger than the differencing image ({} "
+                   "bytes)",
+                   child.describe(), parent_name, parent->size(), layout.disk_size);
+  }
+  log::debug("vdi: {}: parent {} ({}, uuidCreate {})", child.describe(), parent_name, found.source,
+             header.uuid_linkage.to_string());
+  co_return parent;
+}
+
 }  // namespace
 
 asio::awaitable<DevicePtr> open_vdi(DevicePtr child, const VdiOptions& options) {
@@ -497,8 +663,12 @@ asio::awaitable<DevicePtr> open_vdi(DevicePtr child, const VdiOptions& options) 
     done += n;
   }
   const auto [entries, next] = check_map(child, header, layout, raw, file_size, writable);
+  DevicePtr parent;
+  if (header.image_type == static_cast<uint32_t>(vdi::ImageType::differencing)) {
+    parent = co_await open_parent(*child, header, layout, options.parents);
+  }
   co_return std::make_shared<Vdi>(std::move(child), header, sector0, layout, entries, next,
-                                  writable);
+                                  writable, std::move(parent));
 }
 
 }  // namespace imagenbd::formats

@@ -1,8 +1,9 @@
-// The VDI format (VirtualBox Disk Image; shared/docs/formats.md §2): static and dynamic
-// images, read/write, with blocks allocated on first write in a crash-safe order. The
-// on-disk codec is formats/vdi_layout.hpp.
-// Limits: differencing (type 4) and undo (type 3) images are refused; blocks are never
-// given back (trim and zero punch holes inside allocated blocks instead).
+// The VDI format (VirtualBox Disk Image; shared/docs/formats.md §2): static, dynamic and
+// differencing images, read/write, with blocks allocated on first write in a crash-safe
+// order (a differencing image copies the rest of the block up from its parent). The
+// on-disk codec is formats/vdi_layout.hpp, the parent search formats/vdi_parent.hpp.
+// Limits: undo (type 3) images are refused; blocks are never given back (trim and zero
+// punch holes inside allocated blocks instead).
 #pragma once
 
 #include "backends/block_device.hpp"
@@ -22,8 +23,10 @@ struct VdiOptions {
 // returns the virtual disk. Writable when child is and options.read_only is not; dynamic
 // images then grow child with resize().
 // @throws backends::Error naming the file and the field: EINVAL for damaged images (a bad
-// signature, a block map entry past the end of the file or shared by two entries, ...),
-// ENOTSUP for valid ones we do not serve (differencing, other versions), or child errors.
+// signature, a block map entry past the end of the file or shared by two entries, a
+// differencing image without options.parents.finder, a parent loop), ENOENT when the
+// parent is not found, ENOTSUP for valid ones we do not serve (undo, other versions), or
+// child and parent errors. A differencing image's parent is opened read-only, recursively.
 // @par Thread Safety: the device may be used from any thread concurrently.
 asio::awaitable<DevicePtr> open_vdi(DevicePtr child, const VdiOptions& options);
 

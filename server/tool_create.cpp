@@ -104,25 +104,58 @@ void plan_vhd(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
 }
 
 void plan_vdi(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
-  const std::string sub = r.subformat.empty() ? "dynamic" : r.subformat;
-  if (sub != "static" && sub != "dynamic") {
+  std::string sub = r.subformat.empty() ? "dynamic" : r.subformat;
+  uint64_t size = r.size;
+  uint32_t block_size = r.block_size ? r.block_size : vdi::default_block_size;
+  if (r.parent) {
+    // A differencing image (formats.md §2.7): dynamic layout, its parent's size and block
+    // size, uuidLinkage/uuidParentModify = the parent's uuidCreate/uuidModify.
+    const ParentImage& parent = *r.parent;
+    if (sub != "dynamic" && sub != "differencing") {
+      invalid(fmt::format(
+          "vdi subformat '{}' cannot have a parent (--parent makes a differencing image)", sub));
+    }
+    if (parent.format != formats::Format::vdi) {
+      invalid(fmt::format("--parent {} is a {} image; a vdi image needs a vdi parent", parent.path,
+                          formats::format_name(parent.format)));
+    }
+    if (size == 0) size = parent.size;
+    if (size != parent.size) {
+      invalid(fmt::format(
+          "size {} differs from the parent's {} ({}): a differencing image has its parent's size",
+          size, parent.size, parent.path));
+    }
+    if (parent.block_size != 0) {
+      if (r.block_size && r.block_size != parent.block_size) {
+        invalid(fmt::format("block size {} differs from the parent's {} ({})", r.block_size,
+                            parent.block_size, parent.path));
+      }
+      block_size = parent.block_size;
+    }
+    sub = "differencing";
+  } else if (sub != "static" && sub != "dynamic") {
     invalid(fmt::format("vdi subformat '{}' is not static or dynamic", sub));
   }
-  if (r.size == 0 || r.size % vdi::sector_size != 0) {
-    invalid(fmt::format("vdi size {} is not a positive multiple of 512", r.size));
+  if (size == 0 || size % vdi::sector_size != 0) {
+    invalid(fmt::format("vdi size {} is not a positive multiple of 512", size));
   }
-  const uint32_t block_size = r.block_size ? r.block_size : vdi::default_block_size;
   check_block_size(block_size, vdi::max_block_size, "vdi");
   if (block_size != vdi::default_block_size) {
     plan.warnings.push_back(fmt::format(
         "block size {} is not 1048576: VirtualBox reads it, qemu refuses it", block_size));
   }
-  if ((r.size + block_size - 1) / block_size > vdi::max_blocks) {
-    invalid(fmt::format("vdi size {} needs more than {} blocks of {} bytes", r.size,
-                        vdi::max_blocks, block_size));
+  if ((size + block_size - 1) / block_size > vdi::max_blocks) {
+    invalid(fmt::format("vdi size {} needs more than {} blocks of {} bytes", size, vdi::max_blocks,
+                        block_size));
   }
-  const auto type = sub == "static" ? vdi::ImageType::fixed : vdi::ImageType::dynamic;
-  const vdi::Header header = vdi::new_header(r.size, type, ids.uuid, ids.modify_uuid, block_size);
+  const auto type = r.parent          ? vdi::ImageType::differencing
+                    : sub == "static" ? vdi::ImageType::fixed
+                                      : vdi::ImageType::dynamic;
+  vdi::Header header = vdi::new_header(size, type, ids.uuid, ids.modify_uuid, block_size);
+  if (r.parent) {
+    header.uuid_linkage = r.parent->uuid;
+    header.uuid_parent_modify = r.parent->modify_uuid;
+  }
   std::vector<std::byte> first(vdi::header_bytes);
   vdi::encode_header(header, first);
   plan.subformat = sub;
@@ -134,6 +167,8 @@ void plan_vdi(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
   plan.writes.emplace_back(0, std::move(first));
   plan.writes.emplace_back(header.blocks_offset, vdi::encode_block_map(vdi::new_block_map(header)));
 }
+
+}  // namespace
 
 formats::Uuid random_uuid() {
   std::random_device random;
