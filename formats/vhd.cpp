@@ -6,14 +6,17 @@
 // ones by vhd_dynamic.
 #include "formats/vhd.hpp"
 
+#include <algorithm>
 #include <array>
 #include <cassert>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "backends/error.hpp"
 #include "backends/log.hpp"
 #include "formats/vhd_dynamic.hpp"
+#include "formats/vhd_parent.hpp"
 
 namespace imagenbd::formats {
 
@@ -173,8 +176,136 @@ asio::awaitable<FoundFooter> find_footer(backends::BlockDevice& child, const std
   fail_with(path, end.problem());
 }
 
+// The footer of a parent candidate (the end one, or the copy at 0 of a dynamic disk), or
+// nullopt when the candidate is no VHD: then the next candidate is tried.
+asio::awaitable<std::optional<vhd::Footer>> peek_footer(backends::BlockDevice& candidate) {
+  const uint64_t size = candidate.size();
+  if (size < footer_size) co_return std::nullopt;
+  std::array<std::byte, footer_size> bytes;
+  co_await candidate.read(size - footer_size, bytes);
+  if (auto end = vhd::parse_footer(bytes); end.ok()) co_return end.value();
+  co_await candidate.read(0, bytes);
+  if (auto copy = vhd::parse_footer(bytes); copy.ok() && is_dynamic_type(copy.value().disk_type)) {
+    co_return copy.value();
+  }
+  co_return std::nullopt;
+}
+
+// "a.vhd -> b.vhd -> c.vhd": the chain so far and `path`, for loop and depth messages.
+std::string chain_text(const std::vector<std::string>& names, const std::string& path) {
+  std::string out;
+  for (const auto& n : names) out += n + " -> ";
+  return out + path;
+}
+
+// The parent of the differencing disk `path` (formats.md §1.8): the first candidate whose
+// footer unique id is the header's parent_unique_id, opened read-only with the rest of its
+// chain, and as large as the child.
+asio::awaitable<DevicePtr> open_parent(backends::BlockDevice& child, const std::string& path,
+                                       const vhd::DynamicHeader& header, const vhd::Footer& footer,
+                                       uint64_t size, const VhdOptions& options) {
+  const ParentChain& chain = options.parents;
+  const std::string wanted = header.parent_unique_id.to_string();
+  const std::string recorded = vhd::parent_name(header);
+  if (!chain.finder) {
+    backends::fail(std::errc::invalid_argument,
+                   "vhd: {}: differencing VHD needs its parent (unique id {}, name \"{}\"), "
+                   "and nothing was given to look for it",
+                   path, wanted, recorded);
+  }
+  if (chain.names.size() >= max_parent_depth) {
+    backends::fail(std::errc::invalid_argument,
+                   "vhd: {}: the parent chain is deeper than {} images (a loop?): {}", path,
+                   max_parent_depth, chain_text(chain.names, path));
+  }
+  // The locators' data: check_dynamic_header placed it inside the file.
+  std::vector<vhd::DecodedLocator> locators;
+  for (uint32_t k = 0; k < header.parent_locators.size(); ++k) {
+    const vhd::ParentLocator& l = header.parent_locators[k];
+    if (l.platform_code == vhd::platform::none) continue;
+    vhd::DecodedLocator d{.index = k, .platform_code = l.platform_code};
+    std::vector<std::byte> data(l.data_length);
+    if (!data.empty()) co_await child.read(l.data_offset, data);
+    auto decoded = vhd::decode_locator_path(l.platform_code, data);
+    if (decoded.ok()) {
+      d.path = decoded.value();
+    } else {
+      d.problem = decoded.problem().message;
+    }
+    locators.push_back(std::move(d));
+  }
+  std::vector<vhd::ParentCandidate> candidates;
+  const bool explicit_parent = chain.names.empty() && !chain.finder->explicit_parent.empty();
+  if (explicit_parent) {
+    candidates.push_back({chain.finder->explicit_parent, "--parent"});
+  } else {
+    candidates = vhd::parent_candidates(locators, recorded, path);
+  }
+  std::vector<std::string> tried;
+  for (const auto& l : locators) {
+    if (!l.path) tried.push_back(fmt::format("locator {}: {}", l.index, l.problem));
+  }
+  for (const auto& candidate : candidates) {
+    DevicePtr device = co_await chain.finder->open(candidate.name);
+    std::string refusal;
+    std::optional<vhd::Footer> parent_footer;
+    if (!device) {
+      refusal = "not found";
+    } else if (!(parent_footer = co_await peek_footer(*device))) {
+      refusal = "not a VHD";
+    } else if (parent_footer->unique_id != header.parent_unique_id) {
+      refusal = fmt::format("unique id {}", parent_footer->unique_id.to_string());
+    }
+    if (!refusal.empty()) {
+      if (explicit_parent) {
+        backends::fail(refusal == "not found" ? std::errc::no_such_file_or_directory
+                                              : std::errc::invalid_argument,
+                       "vhd: {}: --parent {} is not its parent: {} (the parent has unique id {})",
+                       path, candidate.name, refusal, wanted);
+      }
+      tried.push_back(fmt::format("{} ({}): {}", candidate.name, candidate.source, refusal));
+      continue;
+    }
+    const std::string parent_path = device->describe();
+    const bool loop =
+        parent_path == path ||
+        std::find(chain.names.begin(), chain.names.end(), parent_path) != chain.names.end() ||
+        parent_footer->unique_id == footer.unique_id;
+    if (loop) {
+      backends::fail(std::errc::invalid_argument, "vhd: {}: parent loop: {} -> {}", path,
+                     chain_text(chain.names, path), parent_path);
+    }
+    if (parent_footer->timestamp != header.parent_timestamp) {
+      log::warn(
+          "vhd: {}: parent {} has timestamp {}, the child recorded {}: it may have changed "
+          "since the child was made",
+          path, parent_path, parent_footer->timestamp, header.parent_timestamp);
+    }
+    // Named, not a temporary in the co_await expression: GCC 12 destroys such temporaries
+    // twice in coroutines.
+    VhdOptions parent_options{.read_only = true,
+                              .parents = {.finder = chain.finder, .names = chain.names}};
+    parent_options.parents.names.push_back(path);
+    DevicePtr parent = co_await open_vhd(std::move(device), parent_options);
+    if (parent->size() != size) {
+      backends::fail(std::errc::invalid_argument,
+                     "vhd: {}: its parent {} is {} bytes, the differencing disk {}: they must "
+                     "be the same size",
+                     path, parent_path, parent->size(), size);
+    }
+    log::debug("vhd: {}: parent {} ({})", path, parent_path, candidate.source);
+    co_return parent;
+  }
+  std::string list;
+  for (const auto& t : tried) list += (list.empty() ? "" : "; ") + t;
+  backends::fail(std::errc::no_such_file_or_directory,
+                 "vhd: {}: parent not found: wanted unique id {} (name \"{}\"); tried: {}", path,
+                 wanted, recorded, list.empty() ? "nothing (no locator and no name)" : list);
+}
+
 asio::awaitable<DevicePtr> open_dynamic(DevicePtr child, const std::string& path,
-                                        const FoundFooter& found, uint64_t size, bool writable) {
+                                        const FoundFooter& found, uint64_t size, bool writable,
+                                        const VhdOptions& options) {
   const vhd::Footer& footer = found.footer;
   std::array<std::byte, vhd::header_size> header_bytes;
   co_await child->read(footer.data_offset, header_bytes);
@@ -198,15 +329,21 @@ asio::awaitable<DevicePtr> open_dynamic(DevicePtr child, const std::string& path
   }
   uint32_t allocated = 0;
   for (uint32_t entry : bat) allocated += entry != vhd::bat_unused;
-  log::debug("vhd: {}: dynamic, {} bytes, {} blocks of {} bytes, {} allocated", path, size,
-             bat.size(), layout.value().block_size, allocated);
+  const bool differencing = footer.disk_type == static_cast<uint32_t>(vhd::DiskType::differencing);
+  DevicePtr parent;
+  if (differencing) {
+    parent = co_await open_parent(*child, path, header.value(), footer, size, options);
+  }
+  log::debug("vhd: {}: {}, {} bytes, {} blocks of {} bytes, {} allocated", path,
+             vhd::disk_type_name(footer.disk_type), size, bat.size(), layout.value().block_size,
+             allocated);
   co_return vhd::make_dynamic(vhd::DynamicParams{.child = std::move(child),
                                                  .layout = layout.value(),
                                                  .bat = std::move(bat),
                                                  .footer = found.bytes,
                                                  .size = size,
                                                  .writable = writable,
-                                                 .parent = nullptr});
+                                                 .parent = std::move(parent)});
 }
 
 }  // namespace
@@ -218,11 +355,6 @@ asio::awaitable<DevicePtr> open_vhd(DevicePtr child, const VhdOptions& options) 
   if (auto problem = vhd::check_footer(footer, found.data_limit)) fail_with(path, *problem);
 
   const auto type = static_cast<vhd::DiskType>(footer.disk_type);
-  if (type == vhd::DiskType::differencing) {
-    // Never read one as dynamic (qemu 7.2 does, and returns zeroes for the parent's data).
-    backends::fail(std::errc::operation_not_supported,
-                   "vhd: {}: differencing VHD is not supported yet", path);
-  }
   const auto size = vhd::virtual_size(footer, options.size);
   if (!size.ok()) fail_with(path, size.problem());
   if (size.value() != footer.current_size) {
@@ -256,7 +388,7 @@ asio::awaitable<DevicePtr> open_vhd(DevicePtr child, const VhdOptions& options) 
                vhd::fourcc_text(footer.creator_app));
     co_return std::make_shared<FixedVhd>(std::move(child), size.value(), writable);
   }
-  co_return co_await open_dynamic(std::move(child), path, found, size.value(), writable);
+  co_return co_await open_dynamic(std::move(child), path, found, size.value(), writable, options);
 }
 
 }  // namespace imagenbd::formats

@@ -1,6 +1,7 @@
 // The VHD format (Virtual PC / Hyper-V / Azure "Virtual Hard Disk" v1; shared/docs/formats.md
-// §1): fixed and dynamic disks, read and write, over a child holding the file's bytes.
-// Limits: differencing disks are refused for now (ENOTSUP), never read as dynamic.
+// §1): fixed, dynamic and differencing disks, read and write, over a child holding the
+// file's bytes. A differencing disk's parents are found through options.parents (§1.8) and
+// opened read-only, as deep as max_parent_depth.
 #pragma once
 
 #include "backends/block_device.hpp"
@@ -26,7 +27,9 @@ struct VhdOptions {
 // child must support resize()), crash-safely (formats.md §1.7).
 // @throws backends::Error naming the file, the structure and the field
 // ("vhd: disk.vhd: footer: checksum mismatch (stored 0x…, computed 0x…)"): EINVAL for
-// damage, ENOTSUP for differencing disks, EFBIG beyond 2040 GiB; child read errors.
+// damage, loops, parents of another size or no finder for a differencing disk; ENOENT when
+// no candidate parent has the recorded unique id (the message lists every name tried);
+// EFBIG beyond 2040 GiB; child read errors.
 // @par Thread Safety: the result may be used from any thread concurrently.
 asio::awaitable<DevicePtr> open_vhd(DevicePtr child, const VhdOptions& options);
 

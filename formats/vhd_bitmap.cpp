@@ -23,9 +23,18 @@ SectorBitmaps::SectorBitmaps(uint32_t blocks, uint32_t sectors_per_block)
 }
 
 SectorBitmaps::State SectorBitmaps::load(uint32_t block, std::span<const std::byte> on_disk) {
+  return install(block, on_disk, false);
+}
+
+void SectorBitmaps::set_bits(uint32_t block, std::span<const std::byte> on_disk) {
+  install(block, on_disk, true);
+}
+
+SectorBitmaps::State SectorBitmaps::install(uint32_t block, std::span<const std::byte> on_disk,
+                                            bool replace) {
   assert(on_disk.size() * 8 >= sectors_per_block_);
   const State known = state(block);
-  if (known != State::unknown) return known;
+  if (known != State::unknown && !replace) return known;
   bool all = true;
   for (uint32_t k = 0; k < sectors_per_block_ && all; ++k) all = bitmap_test(on_disk, k);
   // Builds the copy in a private array first: the block's words may be read by nobody
@@ -39,7 +48,7 @@ SectorBitmaps::State SectorBitmaps::load(uint32_t block, std::span<const std::by
   }
   std::lock_guard lock(load_mutex_);
   const State now = states_[block].load(relaxed);
-  if (now != State::unknown) return now;
+  if (now != State::unknown && !replace) return now;
   if (all) {
     states_[block].store(State::full, std::memory_order_release);
     return State::full;

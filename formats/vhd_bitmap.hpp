@@ -45,6 +45,9 @@ class SectorBitmaps {
 
   // A freshly allocated block whose every sector is present.
   void set_full(uint32_t block);
+  // A freshly allocated block whose bits are `on_disk` (a differencing disk's new block
+  // holds only the sectors written). Replaces whatever was known; serialised like set_full.
+  void set_bits(uint32_t block, std::span<const std::byte> on_disk);
   // Marks sectors [from, to) present (the block's state must be known); a block whose
   // bits are then all set becomes full.
   void set_range(uint32_t block, uint32_t from, uint32_t to);
@@ -55,6 +58,7 @@ class SectorBitmaps {
 
  private:
   using Word = std::atomic<uint64_t>;
+  State install(uint32_t block, std::span<const std::byte> on_disk, bool replace);
   static constexpr uint32_t word_bits = 64;
 
   const uint32_t sectors_per_block_;

@@ -77,11 +77,12 @@ class DynamicVhd final : public backends::BlockDevice {
     assert(p.bat.size() == layout_.bat_entries && size_ <= layout_.current_size);
     for (uint32_t i = 0; i < layout_.bat_entries; ++i) bat_[i].store(p.bat[i]);
     const Caps c = child_->caps();
-    caps_.writable = p.writable && !parent_;
+    caps_.writable = p.writable;
     caps_.flush = c.flush;
     caps_.fua = caps_.writable && c.fua;
     caps_.trim = caps_.zero = caps_.writable;
-    caps_.fast_zero = caps_.writable && c.fast_zero;
+    // Zeroing what a parent holds means writing zeroes: never fast.
+    caps_.fast_zero = caps_.writable && c.fast_zero && !parent_;
     caps_.extents = true;
     caps_.cache = c.cache;
     caps_.multi_conn = c.multi_conn;
@@ -128,21 +129,34 @@ class DynamicVhd final : public backends::BlockDevice {
     co_await discard(offset, length, flags, true);
   }
 
-  // Block granularity: unallocated blocks are holes, allocated ones data.
+  // Block granularity: allocated blocks are data; unallocated ones are holes, or what the
+  // parent says of that range (data if any layer below has it).
   asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) override {
     assert(offset + length <= size_);
     std::vector<Extent> out;
+    auto add = [&](Extent e) {
+      if (!out.empty() && out.back().kind == e.kind) {
+        out.back().length += e.length;
+      } else {
+        out.push_back(e);
+      }
+    };
     for (uint64_t done = 0; done < length && out.size() < max_extents;) {
       const Piece p = piece(offset + done, length - done);
       const bool allocated = bat_[p.block].load(std::memory_order_acquire) != bat_unused;
-      // With a parent, what this file lacks may be data there.
-      const ExtentKind kind = allocated || parent_ ? ExtentKind::data : ExtentKind::hole;
-      if (!out.empty() && out.back().kind == kind) {
-        out.back().length += p.length;
-      } else {
-        out.push_back(Extent{p.length, kind});
+      if (allocated || !parent_) {
+        add(Extent{p.length, allocated ? ExtentKind::data : ExtentKind::hole});
+        done += p.length;
+        continue;
       }
-      done += p.length;
+      uint64_t covered = 0;
+      for (const Extent& e :
+           co_await parent_->extents(virtual_offset(p.block, p.offset), p.length)) {
+        add(e);
+        covered += e.length;
+      }
+      done += covered;
+      if (covered < p.length) break;  // the parent answered for less: callers ask again
     }
     co_return out;
   }
@@ -153,6 +167,8 @@ class DynamicVhd final : public backends::BlockDevice {
       const uint32_t entry = bat_[p.block].load(std::memory_order_acquire);
       if (entry != bat_unused) {
         co_await child_->prefetch(layout_.block_data(entry) + p.offset, p.length);
+      } else if (parent_) {
+        co_await parent_->prefetch(virtual_offset(p.block, p.offset), p.length);
       }
       done += p.length;
     }
@@ -300,10 +316,12 @@ class DynamicVhd final : public backends::BlockDevice {
                            {.fua = fua});
   }
 
-  // Called under the lock, for a block that is still unallocated.
+  // Called under the lock, for a block that is still unallocated. A dynamic disk's new block
+  // has every bit set; a differencing disk's only those of the sectors written (the rest
+  // still reads from the parent), and partial sectors at the ends are completed with the
+  // parent's bytes, since a bit covers a whole sector (formats.md §1.7).
   asio::awaitable<void> allocate(const Piece& p, std::span<const std::byte> data,
                                  WriteFlags flags) {
-    assert(!parent_);  // differencing: bits of written sectors only, and copy-up
     const uint64_t old_size = file_size_;
     const uint64_t start = block_start(old_size - footer_size);
     const uint64_t entry = start / sector;
@@ -313,21 +331,40 @@ class DynamicVhd final : public backends::BlockDevice {
                      "TiB a BAT entry can address",
                      describe(), p.block, start);
     }
+    // What goes into the block: bytes [from, to) of it, data plus the partial sectors'
+    // rest from the parent.
+    const uint32_t from = parent_ ? p.first_sector() * sector : p.offset;
+    const uint32_t to = parent_ ? p.end_sector() * sector : p.offset + p.length;
+    std::vector<std::byte> payload;
+    if (from != p.offset || to != p.offset + p.length) {
+      payload.resize(to - from);
+      const uint32_t end = p.offset + p.length;
+      if (from < p.offset) {
+        co_await read_absent(p.block, from, std::span(payload).first(p.offset - from));
+      }
+      if (end < to) co_await read_absent(p.block, end, std::span(payload).last(to - end));
+      std::memcpy(payload.data() + (p.offset - from), data.data(), data.size());
+      data = payload;
+    }
     const uint64_t new_size = start + layout_.block_span() + footer_size;
     co_await child_->resize(new_size);
+    // A fresh block is zeroes (resize() says so), so marking every sector present is
+    // right for a dynamic disk and saves a bitmap update on every later first write; a
+    // differencing disk marks the sectors written.
+    std::vector<std::byte> bitmap(layout_.bitmap_bytes);
+    const uint32_t first = parent_ ? p.first_sector() : 0;
+    const uint32_t last = parent_ ? p.end_sector() : layout_.sectors_per_block();
+    for (uint32_t k = first; k < last; ++k) bitmap[k / 8] |= bitmap_mask(k);
     std::exception_ptr error;
     try {
       co_await child_->write(new_size - footer_size, footer_, {});
-      // A fresh block is zeroes (resize() says so), so marking every sector present is
-      // right for a dynamic disk and saves a bitmap update on every later first write.
-      std::vector<std::byte> head(layout_.bitmap_bytes + (p.offset == 0 ? data.size() : 0));
-      for (uint32_t k = 0; k < layout_.sectors_per_block(); ++k) head[k / 8] |= bitmap_mask(k);
-      if (p.offset == 0) {
-        std::memcpy(head.data() + layout_.bitmap_bytes, data.data(), data.size());
+      if (from == 0) {
+        std::vector<std::byte> head(bitmap);
+        head.insert(head.end(), data.begin(), data.end());
         co_await child_->write(start, head, {});
       } else {
-        co_await child_->write(start, head, {});
-        co_await child_->write(start + layout_.bitmap_bytes + p.offset, data, {});
+        co_await child_->write(start, bitmap, {});
+        co_await child_->write(start + layout_.bitmap_bytes + from, data, {});
       }
       // Footer, bitmap, data and the new file size are durable before the BAT points here.
       co_await child_->flush();
@@ -340,7 +377,11 @@ class DynamicVhd final : public backends::BlockDevice {
     }
     file_size_ = new_size;
     co_await write_bat_sector(p.block, static_cast<uint32_t>(entry), flags.fua);
-    bitmaps_.set_full(p.block);
+    if (parent_) {
+      bitmaps_.set_bits(p.block, bitmap);
+    } else {
+      bitmaps_.set_full(p.block);
+    }
     bat_[p.block].store(static_cast<uint32_t>(entry), std::memory_order_release);
     log::data("vhd: {}: block {} allocated at 0x{:x}", describe(), p.block, start);
   }
@@ -380,6 +421,10 @@ class DynamicVhd final : public backends::BlockDevice {
   // sectors read as zeroes whatever the file holds, so their bits can stay as they are).
   asio::awaitable<void> discard(uint64_t offset, uint64_t length, WriteFlags flags, bool zero) {
     assert(offset + length <= size_);
+    if (parent_) {
+      if (zero) co_await zero_over_parent(offset, length, flags);
+      co_return;  // a trim may leave anything, and freeing would show the parent
+    }
     for (uint64_t done = 0; done < length;) {
       const Piece p = piece(offset + done, length - done);
       done += p.length;
@@ -394,6 +439,26 @@ class DynamicVhd final : public backends::BlockDevice {
       } else {
         co_await child_->trim(layout_.block_data(entry) + p.offset, p.length, flags);
       }
+    }
+  }
+
+  // zero() on a differencing disk: the sectors must read as zeroes, not as the parent's
+  // data, so absent sectors become present zeroes (written, then their bits set) and
+  // present ones are zeroed in place. Blocks are never freed.
+  asio::awaitable<void> zero_over_parent(uint64_t offset, uint64_t length, WriteFlags flags) {
+    constexpr uint32_t chunk = 1u << 20;
+    std::vector<std::byte> zeroes;
+    for (uint64_t done = 0; done < length;) {
+      const Piece p = piece(offset + done, std::min<uint64_t>(length - done, chunk));
+      done += p.length;
+      const uint32_t entry = bat_[p.block].load(std::memory_order_acquire);
+      if (entry != bat_unused && co_await all_present(p, entry)) {
+        co_await child_->zero(layout_.block_data(entry) + p.offset, p.length,
+                              {.fua = flags.fua, .no_hole = flags.no_hole});
+        continue;
+      }
+      zeroes.resize(std::max<std::size_t>(zeroes.size(), p.length));
+      co_await write_piece(p, std::span(zeroes).first(p.length), {.fua = flags.fua});
     }
   }
 

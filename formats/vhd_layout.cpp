@@ -364,6 +364,14 @@ Result<DynamicLayout> check_dynamic_header(const DynamicHeader& h, const Footer&
     }
   }
   layout.metadata.push_back(Region{h.table_offset, bat_bytes, "the BAT"});
+  if (f.disk_type == static_cast<uint32_t>(DiskType::differencing)) {
+    if (h.parent_unique_id.is_nil()) {
+      return invalid("dynamic header: parent_unique_id is nil in a differencing disk");
+    }
+    std::vector<Region> locators;
+    if (auto problem = check_locators(h, data_limit, layout.metadata, &locators)) return *problem;
+    layout.metadata.insert(layout.metadata.end(), locators.begin(), locators.end());
+  }
   return layout;
 }
 
@@ -497,6 +505,343 @@ Result<uint64_t> virtual_size(const Footer& f, SizePolicy policy) {
       return chs;
   }
   return f.current_size;
+}
+
+// Parent locators and their text (formats.md §1.8).
+
+namespace {
+
+constexpr std::array<std::string_view, 8> locator_regions{
+    "parent locator 0's data", "parent locator 1's data", "parent locator 2's data",
+    "parent locator 3's data", "parent locator 4's data", "parent locator 5's data",
+    "parent locator 6's data", "parent locator 7's data"};
+
+bool known_platform(uint32_t code) {
+  switch (code) {
+    case platform::wi2r:
+    case platform::wi2k:
+    case platform::w2ru:
+    case platform::w2ku:
+    case platform::mac:
+    case platform::macx:
+      return true;
+    default:
+      return false;
+  }
+}
+
+void append_utf8(std::string& out, uint32_t c) {
+  if (c < 0x80) {
+    out += static_cast<char>(c);
+  } else if (c < 0x800) {
+    out += static_cast<char>(0xC0 | (c >> 6));
+    out += static_cast<char>(0x80 | (c & 0x3F));
+  } else if (c < 0x10000) {
+    out += static_cast<char>(0xE0 | (c >> 12));
+    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (c & 0x3F));
+  } else {
+    out += static_cast<char>(0xF0 | (c >> 18));
+    out += static_cast<char>(0x80 | ((c >> 12) & 0x3F));
+    out += static_cast<char>(0x80 | ((c >> 6) & 0x3F));
+    out += static_cast<char>(0x80 | (c & 0x3F));
+  }
+}
+
+// Decodes the UTF-8 code point at text[i], advancing i; nullopt when it is invalid
+// (overlong forms, surrogates and values past U+10FFFF included).
+std::optional<uint32_t> next_code_point(std::string_view text, std::size_t& i) {
+  const auto b0 = static_cast<uint8_t>(text[i]);
+  int extra;
+  uint32_t c;
+  if (b0 < 0x80) {
+    ++i;
+    return b0;
+  } else if ((b0 & 0xE0) == 0xC0) {
+    extra = 1;
+    c = b0 & 0x1F;
+  } else if ((b0 & 0xF0) == 0xE0) {
+    extra = 2;
+    c = b0 & 0x0F;
+  } else if ((b0 & 0xF8) == 0xF0) {
+    extra = 3;
+    c = b0 & 0x07;
+  } else {
+    return std::nullopt;
+  }
+  if (text.size() - i <= static_cast<std::size_t>(extra)) return std::nullopt;
+  for (int k = 1; k <= extra; ++k) {
+    const auto b = static_cast<uint8_t>(text[i + k]);
+    if ((b & 0xC0) != 0x80) return std::nullopt;
+    c = c << 6 | (b & 0x3F);
+  }
+  static constexpr uint32_t min_value[] = {0, 0x80, 0x800, 0x10000};
+  if (c < min_value[extra] || c > 0x10FFFF || (c >= 0xD800 && c < 0xE000)) return std::nullopt;
+  i += static_cast<std::size_t>(extra) + 1;
+  return c;
+}
+
+// Drops trailing NUL bytes (locator data is often NUL terminated or padded).
+std::span<const std::byte> trim_nuls(std::span<const std::byte> data, std::size_t unit) {
+  while (data.size() >= unit) {
+    bool nul = true;
+    for (std::size_t k = 0; k < unit; ++k) nul = nul && data[data.size() - 1 - k] == std::byte{0};
+    if (!nul) break;
+    data = data.first(data.size() - unit);
+  }
+  return data;
+}
+
+// A Windows path (".\a\b", "c:\a\b", "\a\b") in POSIX form.
+LocatorPath from_windows(std::string text, bool relative) {
+  for (char& c : text)
+    if (c == '\\') c = '/';
+  if (!relative && text.size() >= 2 && text[1] == ':' &&
+      ((text[0] >= 'a' && text[0] <= 'z') || (text[0] >= 'A' && text[0] <= 'Z'))) {
+    text.erase(0, 2);  // the drive letter means nothing here
+  }
+  if (!relative && !text.starts_with('/')) text.insert(0, 1, '/');
+  while (relative && text.starts_with("./")) text.erase(0, 2);
+  return LocatorPath{std::move(text), relative};
+}
+
+int hex_value(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+}  // namespace
+
+std::string platform_name(uint32_t code) {
+  const std::array<char, 4> text{static_cast<char>(code >> 24), static_cast<char>(code >> 16),
+                                 static_cast<char>(code >> 8), static_cast<char>(code)};
+  return fourcc_text(text);
+}
+
+Result<uint64_t> locator_space_bytes(const ParentLocator& l) {
+  if (l.data_space < sector_size) return uint64_t{l.data_space} * sector_size;
+  if (l.data_space % sector_size != 0) {
+    return invalid(
+        "data_space {} is neither a sector count (below 512) nor a multiple of 512 bytes",
+        l.data_space);
+  }
+  return uint64_t{l.data_space};
+}
+
+std::optional<Problem> check_locators(const DynamicHeader& h, uint64_t data_limit,
+                                      std::span<const Region> metadata,
+                                      std::vector<Region>* regions) {
+  std::vector<Region> mine;
+  for (std::size_t k = 0; k < h.parent_locators.size(); ++k) {
+    const ParentLocator& l = h.parent_locators[k];
+    if (l.platform_code == platform::none) continue;
+    const std::string name =
+        fmt::format("dynamic header: parent locator {} ({})", k, platform_name(l.platform_code));
+    if (!known_platform(l.platform_code)) {
+      return invalid("{}: unknown platform code 0x{:08x}", name, l.platform_code);
+    }
+    const auto space = locator_space_bytes(l);
+    if (!space.ok()) return invalid("{}: {}", name, space.problem().message);
+    if (space.value() > max_locator_bytes) {
+      return invalid("{}: data_space {} bytes is more than {}", name, space.value(),
+                     max_locator_bytes);
+    }
+    if (l.data_length > space.value()) {
+      return invalid("{}: data_length {} is more than its data_space ({} bytes)", name,
+                     l.data_length, space.value());
+    }
+    if (l.data_offset > data_limit || data_limit - l.data_offset < space.value()) {
+      return invalid(
+          "{}: data_offset 0x{:x} (+{} bytes) is past the end of the file (data ends at 0x{:x})",
+          name, l.data_offset, space.value(), data_limit);
+    }
+    if (space.value() == 0) continue;  // occupies nothing
+    for (const Region& r : metadata) {
+      if (overlaps(l.data_offset, space.value(), r.offset, r.length)) {
+        return invalid("{}: its data at 0x{:x} (+{} bytes) overlaps {} at 0x{:x}", name,
+                       l.data_offset, space.value(), r.what, r.offset);
+      }
+    }
+    for (const Region& r : mine) {
+      if (overlaps(l.data_offset, space.value(), r.offset, r.length)) {
+        return invalid("{}: its data at 0x{:x} (+{} bytes) overlaps {} at 0x{:x}", name,
+                       l.data_offset, space.value(), r.what, r.offset);
+      }
+    }
+    mine.push_back(Region{l.data_offset, space.value(), locator_regions[k]});
+  }
+  if (regions) *regions = std::move(mine);
+  return std::nullopt;
+}
+
+Result<std::string> utf16_to_utf8(std::span<const std::byte> bytes, bool big_endian,
+                                  std::string_view what) {
+  if (bytes.size() % 2 != 0) {
+    return invalid("{}: {} bytes is not a whole number of UTF-16 units", what, bytes.size());
+  }
+  auto unit = [&](std::size_t i) {
+    const auto a = std::to_integer<uint32_t>(bytes[i]), b = std::to_integer<uint32_t>(bytes[i + 1]);
+    return big_endian ? a << 8 | b : b << 8 | a;
+  };
+  std::string out;
+  for (std::size_t i = 0; i < bytes.size(); i += 2) {
+    uint32_t c = unit(i);
+    if (c == 0) return invalid("{}: a NUL character at byte {}", what, i);
+    if (c >= 0xDC00 && c < 0xE000) {
+      return invalid("{}: a lone low surrogate 0x{:04x} at byte {}", what, c, i);
+    }
+    if (c >= 0xD800 && c < 0xDC00) {
+      const uint32_t low = i + 3 < bytes.size() ? unit(i + 2) : 0;
+      if (low < 0xDC00 || low >= 0xE000) {
+        return invalid("{}: a lone high surrogate 0x{:04x} at byte {}", what, c, i);
+      }
+      c = 0x10000 + ((c - 0xD800) << 10) + (low - 0xDC00);
+      i += 2;
+    }
+    append_utf8(out, c);
+  }
+  return out;
+}
+
+Result<std::vector<std::byte>> utf8_to_utf16(std::string_view text, bool big_endian,
+                                             std::string_view what) {
+  std::vector<std::byte> out;
+  auto put = [&](uint32_t u) {
+    const auto hi = static_cast<std::byte>(u >> 8), lo = static_cast<std::byte>(u);
+    out.push_back(big_endian ? hi : lo);
+    out.push_back(big_endian ? lo : hi);
+  };
+  for (std::size_t i = 0; i < text.size();) {
+    const std::size_t at = i;
+    const auto c = next_code_point(text, i);
+    if (!c) return invalid("{}: invalid UTF-8 at byte {}", what, at);
+    if (*c >= 0x10000) {
+      put(0xD800 + ((*c - 0x10000) >> 10));
+      put(0xDC00 + ((*c - 0x10000) & 0x3FF));
+    } else {
+      put(*c);
+    }
+  }
+  return out;
+}
+
+Result<LocatorPath> decode_locator_path(uint32_t code, std::span<const std::byte> data) {
+  const std::string what = fmt::format("{} locator", platform_name(code));
+  std::string text;
+  switch (code) {
+    case platform::w2ru:
+    case platform::w2ku: {
+      auto decoded = utf16_to_utf8(trim_nuls(data, 2), false, what);
+      if (!decoded.ok()) return decoded.problem();
+      text = decoded.value();
+      break;
+    }
+    case platform::wi2r:
+    case platform::wi2k:
+    case platform::macx: {
+      const auto bytes = trim_nuls(data, 1);
+      text.assign(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+      if (text.find('\0') != std::string::npos) {
+        return invalid("{}: a NUL character at byte {}", what, text.find('\0'));
+      }
+      if (code == platform::macx) {
+        for (std::size_t i = 0; i < text.size();) {
+          if (!next_code_point(text, i)) return invalid("{}: invalid UTF-8 at byte {}", what, i);
+        }
+      }
+      break;
+    }
+    case platform::mac:
+      return Problem{std::errc::not_supported,
+                     fmt::format("{}: Mac OS alias records are not supported", what)};
+    default:
+      return invalid("unknown locator platform code 0x{:08x}", code);
+  }
+  if (text.empty()) return invalid("{}: empty path", what);
+  if (code == platform::w2ru || code == platform::wi2r) return from_windows(std::move(text), true);
+  if (code == platform::w2ku || code == platform::wi2k) return from_windows(std::move(text), false);
+  // MacX: file://[host]/absolute or file://./relative.
+  constexpr std::string_view scheme = "file://";
+  if (!text.starts_with(scheme)) return invalid("{}: \"{}\" is not a file:// URL", what, text);
+  std::string_view rest = std::string_view(text).substr(scheme.size());
+  bool relative = false;
+  if (rest.starts_with("./")) {
+    relative = true;
+    while (rest.starts_with("./")) rest.remove_prefix(2);
+  } else {
+    const auto slash = rest.find('/');
+    if (slash == std::string_view::npos) return invalid("{}: \"{}\" has no path", what, text);
+    rest.remove_prefix(slash);  // the host ("localhost" or none) does not matter
+  }
+  std::string path;
+  for (std::size_t i = 0; i < rest.size(); ++i) {
+    if (rest[i] == '%' && i + 2 < rest.size() && hex_value(rest[i + 1]) >= 0 &&
+        hex_value(rest[i + 2]) >= 0) {
+      const char c = static_cast<char>(hex_value(rest[i + 1]) * 16 + hex_value(rest[i + 2]));
+      if (c == '\0') return invalid("{}: a NUL character (%00) in \"{}\"", what, text);
+      path += c;
+      i += 2;
+    } else {
+      path += rest[i];
+    }
+  }
+  if (path.empty() || path == "/") return invalid("{}: \"{}\" has no path", what, text);
+  return LocatorPath{std::move(path), relative};
+}
+
+Result<std::vector<std::byte>> encode_locator_path(uint32_t code, std::string_view path) {
+  const std::string what = fmt::format("{} locator", platform_name(code));
+  for (std::size_t i = 0; i < path.size();) {
+    if (!next_code_point(path, i)) return invalid("{}: invalid UTF-8 at byte {}", what, i);
+  }
+  if (path.empty()) return invalid("{}: empty path", what);
+  if (code == platform::w2ru || code == platform::w2ku) {
+    std::string text = code == platform::w2ru ? ".\\" : "";
+    for (char c : path) text += c == '/' ? '\\' : c;
+    return utf8_to_utf16(text, false, what);
+  }
+  if (code == platform::macx) {
+    std::string text = "file://";
+    if (!path.starts_with('/')) text += "./";
+    for (char c : path) {
+      const auto u = static_cast<unsigned char>(c);
+      if (u <= 0x20 || u >= 0x7f || c == '%') {
+        text += fmt::format("%{:02X}", u);
+      } else {
+        text += c;
+      }
+    }
+    std::vector<std::byte> out(text.size());
+    std::memcpy(out.data(), text.data(), text.size());
+    return out;
+  }
+  return invalid("{}: imagenbd writes only W2ru, W2ku and MacX locators", what);
+}
+
+std::string parent_name(const DynamicHeader& h) {
+  std::span<const std::byte> name = h.parent_unicode_name;
+  for (std::size_t i = 0; i + 1 < name.size(); i += 2) {
+    if (name[i] == std::byte{0} && name[i + 1] == std::byte{0}) {
+      name = name.first(i);
+      break;
+    }
+  }
+  const auto text = utf16_to_utf8(name, true, "parent name");
+  return text.ok() ? text.value() : std::string();
+}
+
+Result<std::array<std::byte, 512>> encode_parent_name(std::string_view name) {
+  const auto units = utf8_to_utf16(name, true, "parent name");
+  if (!units.ok()) return units.problem();
+  std::array<std::byte, 512> out{};
+  if (units.value().size() > out.size()) {
+    return invalid("parent name: \"{}\" takes {} UTF-16 units, more than 256", name,
+                   units.value().size() / 2);
+  }
+  std::memcpy(out.data(), units.value().data(), units.value().size());
+  return out;
 }
 
 }  // namespace imagenbd::formats::vhd

@@ -179,6 +179,71 @@ inline bool bitmap_test(std::span<const std::byte> bitmap, uint32_t sector) {
   return (bitmap[sector / 8] & bitmap_mask(sector)) != std::byte{0};
 }
 
+// Parent locators (formats.md §1.8). Platform codes, as the big-endian uint32 they are.
+namespace platform {
+constexpr uint32_t none = 0;
+constexpr uint32_t wi2r = 0x57693272;  // "Wi2r": relative, ANSI (deprecated)
+constexpr uint32_t wi2k = 0x5769326B;  // "Wi2k": absolute, ANSI (deprecated)
+constexpr uint32_t w2ru = 0x57327275;  // "W2ru": relative to the child, UTF-16LE
+constexpr uint32_t w2ku = 0x57326B75;  // "W2ku": absolute, UTF-16LE
+constexpr uint32_t mac = 0x4D616320;   // "Mac ": a Mac OS alias blob (opaque)
+constexpr uint32_t macx = 0x4D616358;  // "MacX": a UTF-8 file:// URL
+}  // namespace platform
+// The code as text: "W2ru", "Mac ".
+std::string platform_name(uint32_t code);
+
+// Locator data must fit in this many bytes (a sane path is far shorter).
+constexpr uint32_t max_locator_bytes = 64u << 10;
+
+// The bytes reserved for a locator's data. data_space is sectors per the spec but bytes in
+// what Microsoft writes; blktap's rule reads both: below 512 it counts sectors, otherwise
+// it must be a multiple of 512 and counts bytes.
+Result<uint64_t> locator_space_bytes(const ParentLocator& locator);
+
+// Checks the used locators of a differencing disk's header (entry k is "parent locator
+// k"): a known platform code, data_length <= the space, the space within max_locator_bytes,
+// and the data inside the file before data_limit, clear of the footer copy, the dynamic
+// header, the BAT and each other. check_dynamic_header runs it for differencing disks and
+// adds each locator's data to DynamicLayout::metadata.
+std::optional<Problem> check_locators(const DynamicHeader& header, uint64_t data_limit,
+                                      std::span<const Region> metadata,
+                                      std::vector<Region>* regions = nullptr);
+
+// A parent's path as a locator records it, in POSIX form ('/' separators, no drive letter).
+struct LocatorPath {
+  std::string path;       // UTF-8
+  bool relative = false;  // relative to the child's directory
+  bool operator==(const LocatorPath&) const = default;
+};
+
+// Decodes a locator's data (its first data_length bytes): W2ru/W2ku as UTF-16LE (".\a\b"
+// is relative, "c:\a\b" absolute: the drive letter is dropped, '\' becomes '/'),
+// Wi2r/Wi2k as 8-bit text the same way, MacX as a file:// URL ("file://./a" relative,
+// "file://localhost/a" or "file:///a" absolute, %XX escapes decoded). Trailing NULs are
+// ignored. A Problem for "Mac " aliases (not_supported), unknown codes, odd UTF-16 byte
+// counts, bad surrogates or UTF-8, embedded NULs and empty paths.
+Result<LocatorPath> decode_locator_path(uint32_t platform_code, std::span<const std::byte> data);
+
+// The data of a new locator for `path` (POSIX form; for W2ru relative to the child's
+// directory, for W2ku and MacX absolute): W2ru ".\a\b" and W2ku "\dir\b" in UTF-16LE,
+// MacX "file://" + the path with '%' and bytes outside printable ASCII escaped. Path must be
+// valid UTF-8 (else a Problem).
+Result<std::vector<std::byte>> encode_locator_path(uint32_t platform_code, std::string_view path);
+
+// UTF-16 (little- or big-endian) to UTF-8, strictly: odd byte counts, lone surrogates and
+// NUL units are Problems naming `what`.
+Result<std::string> utf16_to_utf8(std::span<const std::byte> bytes, bool big_endian,
+                                  std::string_view what);
+// UTF-8 to UTF-16; invalid UTF-8 is a Problem naming `what`.
+Result<std::vector<std::byte>> utf8_to_utf16(std::string_view text, bool big_endian,
+                                             std::string_view what);
+// The header's parent Unicode name (UTF-16BE, NUL padded) as UTF-8, up to the first NUL
+// unit; "" when it is not valid UTF-16.
+std::string parent_name(const DynamicHeader& header);
+// `name` as the header's parent Unicode name field; a Problem when it is not UTF-8 or
+// takes more than 256 UTF-16 units.
+Result<std::array<std::byte, 512>> encode_parent_name(std::string_view name);
+
 // CHS geometry for a disk of total_sectors sectors, as the spec's appendix computes it
 // (§1.9): rounds down, capped at 65535/16/255.
 Geometry geometry_for(uint64_t total_sectors);

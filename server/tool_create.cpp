@@ -9,16 +9,23 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
+#include <memory>
 #include <random>
 #include <stdexcept>
 
 #include <fmt/format.h>
 
 #include "backends/error.hpp"
+#include "backends/file.hpp"
 #include "formats/vdi_layout.hpp"
+#include "formats/vhd_parent.hpp"
 #include "server/exports.hpp"
+#include "server/local_parents.hpp"
+#include "server/tool_common.hpp"
 #include "server/tool_info.hpp"
 
 namespace imagenbd::server {
@@ -47,9 +54,64 @@ void check_block_size(uint32_t block_size, uint32_t max, std::string_view format
   }
 }
 
+// A differencing VHD's parent fields and locators (formats.md §1.8): W2ku and MacX hold the
+// parent's absolute path, W2ru its path relative to the new file's directory (what keeps
+// working when a directory of images moves), the header's name its file name (what libvhdi
+// looks for next to the child). Locator data follows the BAT, each in whole sectors, its
+// data_space in bytes as Microsoft's tools write it. Returns where the data ends.
+uint64_t plan_vhd_parent(const CreateRequest& r, vhd::DynamicHeader& header, uint64_t at,
+                         CreatePlan& plan) {
+  const ParentImage& parent = *r.parent;
+  header.parent_unique_id = parent.uuid;
+  header.parent_timestamp = parent.vhd_timestamp;
+  const auto name = vhd::encode_parent_name(vhd::base_name(parent.absolute_path));
+  if (!name.ok()) invalid(fmt::format("--parent {}: {}", parent.path, name.problem().message));
+  header.parent_unicode_name = name.value();
+  const std::filesystem::path child_dir = std::filesystem::path(r.path).parent_path();
+  const std::string relative =
+      std::filesystem::path(parent.absolute_path).lexically_relative(child_dir).generic_string();
+  std::vector<std::pair<uint32_t, std::string>> locators{
+      {vhd::platform::w2ku, parent.absolute_path}};
+  if (!relative.empty() && !r.path.empty()) locators.emplace_back(vhd::platform::w2ru, relative);
+  locators.emplace_back(vhd::platform::macx, parent.absolute_path);
+  for (std::size_t k = 0; k < locators.size(); ++k) {
+    const auto& [code, path] = locators[k];
+    auto data = vhd::encode_locator_path(code, path);
+    if (!data.ok()) invalid(fmt::format("--parent {}: {}", parent.path, data.problem().message));
+    const uint64_t space = round_up(std::max<uint64_t>(data.value().size(), 1), vhd::sector_size);
+    header.parent_locators[k] =
+        vhd::ParentLocator{.platform_code = code,
+                           .data_space = static_cast<uint32_t>(space),
+                           .data_length = static_cast<uint32_t>(data.value().size()),
+                           .reserved = 0,
+                           .data_offset = at};
+    plan.writes.emplace_back(at, std::move(data.value()));
+    at += space;
+  }
+  return at;
+}
+
 void plan_vhd(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
-  const std::string sub = r.subformat.empty() ? "dynamic" : r.subformat;
-  if (sub != "fixed" && sub != "dynamic") {
+  std::string sub = r.subformat.empty() ? "dynamic" : r.subformat;
+  if (r.parent) {
+    if (sub != "dynamic" && sub != "differencing") {
+      invalid(
+          fmt::format("vhd subformat '{}' cannot have a parent (--parent makes a "
+                      "differencing image)",
+                      sub));
+    }
+    if (r.parent->format != formats::Format::vhd) {
+      invalid(fmt::format("--parent {} is a {} image; a vhd image needs a vhd parent",
+                          r.parent->path, formats::format_name(r.parent->format)));
+    }
+    if (r.size != r.parent->size) {
+      invalid(
+          fmt::format("size {} differs from the parent's {} ({}): a differencing image "
+                      "has its parent's size",
+                      r.size, r.parent->size, r.parent->path));
+    }
+    sub = "differencing";
+  } else if (sub != "fixed" && sub != "dynamic") {
     invalid(fmt::format("vhd subformat '{}' is not fixed or dynamic", sub));
   }
   if (r.size == 0 || r.size % vhd::sector_size != 0) {
@@ -77,7 +139,10 @@ void plan_vhd(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
     plan.writes.emplace_back(r.size, std::vector<std::byte>(bytes.begin(), bytes.end()));
     return;
   }
-  const uint32_t block_size = r.block_size ? r.block_size : vhd::default_block_size;
+  // A differencing image takes its parent's block size unless told otherwise (§1.8).
+  const uint32_t block_size = r.block_size                       ? r.block_size
+                              : r.parent && r.parent->block_size ? r.parent->block_size
+                                                                 : vhd::default_block_size;
   check_block_size(block_size, vhd::max_block_size, "vhd");
   plan.block_size = block_size;
   const uint64_t entries = (r.size + block_size - 1) / block_size;
@@ -85,21 +150,24 @@ void plan_vhd(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
   const uint64_t header_offset = vhd::footer_size;
   const uint64_t bat_offset = header_offset + vhd::header_size;
   const uint64_t bat_bytes = round_up(entries * 4, vhd::sector_size);
-  footer.disk_type = static_cast<uint32_t>(vhd::DiskType::dynamic);
+  footer.disk_type =
+      static_cast<uint32_t>(r.parent ? vhd::DiskType::differencing : vhd::DiskType::dynamic);
   footer.data_offset = header_offset;
   vhd::DynamicHeader header;
   header.table_offset = bat_offset;
   header.max_table_entries = static_cast<uint32_t>(entries);
   header.block_size = block_size;
+  const uint64_t data_end =
+      r.parent ? plan_vhd_parent(r, header, bat_offset + bat_bytes, plan) : bat_offset + bat_bytes;
   const auto footer_bytes = vhd::encode_footer(footer);
   const auto header_bytes = vhd::encode_dynamic_header(header);
   const std::vector<uint32_t> bat(entries, vhd::bat_unused);
-  plan.file_size = bat_offset + bat_bytes + vhd::footer_size;
+  plan.file_size = data_end + vhd::footer_size;
   plan.writes.emplace_back(0, std::vector<std::byte>(footer_bytes.begin(), footer_bytes.end()));
   plan.writes.emplace_back(header_offset,
                            std::vector<std::byte>(header_bytes.begin(), header_bytes.end()));
   plan.writes.emplace_back(bat_offset, vhd::encode_bat(bat, bat_bytes));
-  plan.writes.emplace_back(bat_offset + bat_bytes,
+  plan.writes.emplace_back(data_end,
                            std::vector<std::byte>(footer_bytes.begin(), footer_bytes.end()));
 }
 
@@ -215,7 +283,56 @@ void write_plan(const std::string& path, const CreatePlan& plan, bool force) {
   }
 }
 
+namespace {
+
+// create --parent: opens the parent as serve would (read-only, with its own parents), then
+// reads the ids a child records with the formats' codecs.
+boost::asio::awaitable<ParentImage> read_parent_async(std::string path) {
+  ParentImage parent;
+  parent.path = path;
+  std::unique_ptr<char, decltype(&std::free)> real(::realpath(path.c_str(), nullptr), &std::free);
+  if (!real) backends::fail_errno(errno, "--parent " + path);
+  parent.absolute_path = real.get();
+  auto file = backends::open_file(parent.absolute_path, {.read_only = true});
+  const formats::ParentFinder finder = local_parent_finder();
+  const formats::ImageOptions options{.read_only = true, .parents = {.finder = &finder}};
+  auto device = co_await formats::open_image(file, options);
+  parent.format = formats::parse_format(device->name());
+  parent.size = device->size();
+  if (parent.format == formats::Format::vhd) {
+    std::array<std::byte, vhd::footer_size> bytes{};
+    co_await file->read(file->size() - vhd::footer_size, bytes);
+    auto footer = vhd::parse_footer(bytes);
+    if (!footer.ok()) {  // open_vhd accepted it: the copy at 0 is the one
+      co_await file->read(0, bytes);
+      footer = vhd::parse_footer(bytes);
+    }
+    if (!footer.ok())
+      backends::fail(std::errc::invalid_argument, "vhd: {}: {}", path, footer.problem().message);
+    parent.uuid = footer.value().unique_id;
+    parent.vhd_timestamp = footer.value().timestamp;
+    if (footer.value().disk_type != static_cast<uint32_t>(vhd::DiskType::fixed)) {
+      std::array<std::byte, vhd::header_size> hb{};
+      co_await file->read(footer.value().data_offset, hb);
+      const auto header = vhd::parse_dynamic_header(hb);
+      if (header.ok()) parent.block_size = header.value().block_size;
+    }
+  } else if (parent.format == formats::Format::vdi) {
+    std::array<std::byte, vdi::header_bytes> hb{};
+    co_await file->read(0, hb);
+    const vdi::Header h = vdi::decode_header(hb);
+    parent.uuid = h.uuid_create;
+    parent.modify_uuid = h.uuid_modify;
+    parent.block_size = h.block_size;
+  }
+  co_return parent;
+}
+
 }  // namespace
+
+ParentImage read_parent(const std::string& path) {
+  return run_now(read_parent_async(path));
+}
 
 vhd::Geometry vhd_create_geometry(uint64_t size) {
   const vhd::Geometry g = vhd::geometry_for(size / vhd::sector_size);
@@ -244,9 +361,12 @@ CreatePlan plan_image(const CreateRequest& request, const CreateIds& ids) {
 
 const char* create_help() {
   return R"(Usage: imagenbd create -f FMT [--subformat S] [--block-size N] [--force] [--json] FILE SIZE
+       imagenbd create -f FMT --parent PARENT [--block-size N] [--force] [--json] FILE [SIZE]
 
 Create an empty disk image of exactly SIZE bytes (suffixes K, M, G, T are powers of
-1024; VHD and VDI sizes must be multiples of 512).
+1024; VHD and VDI sizes must be multiples of 512). With --parent, create a differencing
+image of PARENT (an image of the same format, which is opened and checked first): it
+reads as PARENT until written, and SIZE, which defaults to PARENT's, must equal it.
 
 Formats:
   raw    a sparse file of SIZE bytes
@@ -254,6 +374,10 @@ Formats:
          At most 2040 GiB. The footer's creator app is "inbd"; current_size is SIZE, and
          the CHS geometry is SIZE's own when SIZE is CHS-exact, else 65535/16/255, so
          that qemu (every version), Hyper-V, libvhdi and imagenbd all see SIZE.
+         With --parent: a differencing VHD (block size from the parent unless given)
+         recording the parent's unique id and timestamp, its file name in the header,
+         and locators W2ru (path relative to FILE's directory), W2ku and MacX (absolute
+         path). imagenbd and libvhdi read it; qemu cannot (it ignores the parent).
   vdi    --subformat dynamic (default) or static; --block-size default 1M (qemu reads
          no other). Laid out as qemu does: block map at 0x200, data after it.
 
@@ -261,6 +385,7 @@ Options:
   -f, --format=FMT       raw, vhd (or vpc), vdi (required)
   -o, --subformat=S      see above
       --block-size=N     block size in bytes (suffixes allowed); a power of two
+      --parent=PARENT    a differencing image of PARENT (same format)
       --force            overwrite FILE if it exists (refused otherwise)
       --json             print what was created, as 'imagenbd info --json' does
   -h, --help             this text
@@ -271,12 +396,13 @@ removed if that fails. Exit status: 0 on success, 1 on errors, 2 on usage errors
 }
 
 int tool_create(int argc, char** argv) {
-  enum : int { opt_json = 1000, opt_force, opt_block_size };
+  enum : int { opt_json = 1000, opt_force, opt_block_size, opt_parent };
   static const option long_options[] = {
       {"format", required_argument, nullptr, 'f'},
       {"subformat", required_argument, nullptr, 'o'},
       {"block-size", required_argument, nullptr, opt_block_size},
       {"force", no_argument, nullptr, opt_force},
+      {"parent", required_argument, nullptr, opt_parent},
       {"json", no_argument, nullptr, opt_json},
       {"help", no_argument, nullptr, 'h'},
       {nullptr, 0, nullptr, 0},
@@ -289,6 +415,7 @@ int tool_create(int argc, char** argv) {
   };
   CreateRequest request;
   bool have_format = false, force = false, json = false;
+  std::string parent_path;
   optind = 0;
   opterr = 0;
   int c;
@@ -317,6 +444,10 @@ int tool_create(int argc, char** argv) {
         case opt_force:
           force = true;
           break;
+        case opt_parent:
+          parent_path = optarg;
+          if (parent_path.empty()) return usage("--parent needs a file");
+          break;
         case opt_json:
           json = true;
           break;
@@ -331,14 +462,28 @@ int tool_create(int argc, char** argv) {
     }
   }
   if (!have_format) return usage("create needs a format: -f raw, vhd or vdi");
-  if (argc - optind != 2) return usage("expected FILE and SIZE");
+  const int operands = argc - optind;
+  if (parent_path.empty() ? operands != 2 : operands != 1 && operands != 2) {
+    return usage(parent_path.empty() ? "expected FILE and SIZE" : "expected FILE [SIZE]");
+  }
   const std::string path = argv[optind];
-  try {
-    request.size = parse_size(argv[optind + 1]);
-  } catch (const std::invalid_argument& e) {
-    return usage(e.what());
+  if (operands == 2) {
+    try {
+      request.size = parse_size(argv[optind + 1]);
+    } catch (const std::invalid_argument& e) {
+      return usage(e.what());
+    }
   }
   try {
+    if (!parent_path.empty()) {
+      request.parent = read_parent(parent_path);
+      if (operands == 1) request.size = request.parent->size;
+      // Relative locators are computed from the new file's real directory.
+      const auto absolute = std::filesystem::absolute(path);
+      request.path =
+          (std::filesystem::weakly_canonical(absolute.parent_path()) / absolute.filename())
+              .string();
+    }
     CreateIds ids{.uuid = random_uuid(),
                   .modify_uuid = random_uuid(),
                   .vhd_timestamp = static_cast<uint32_t>(std::time(nullptr) - 946684800)};

@@ -1,5 +1,6 @@
-// `imagenbd create -f raw|vhd|vdi [--subformat S] [--block-size N] [--force] FILE SIZE`:
-// a new, empty image of exactly SIZE bytes. VHD footers carry creator app "inbd" and the
+// `imagenbd create -f raw|vhd|vdi [--subformat S] [--block-size N] [--parent FILE] [--force]
+// FILE [SIZE]`: a new, empty image of exactly SIZE bytes (with --parent: a differencing
+// image of FILE, SIZE defaulting to the parent's). VHD footers carry creator app "inbd" and the
 // geometry formats.md §1.10 recommends (the size's own CHS geometry when it is CHS-exact,
 // else 65535/16/255), so qemu (any version), libvhdi and imagenbd all read SIZE. VDI
 // images are laid out as qemu lays them out (block map at 0x200).
@@ -63,9 +64,20 @@ inline constexpr std::array<char, 4> vhd_creator_app{'i', 'n', 'b', 'd'};
 // when its C*H*S*512 equals size, else 65535/16/255 ("see current_size").
 formats::vhd::Geometry vhd_create_geometry(uint64_t size);
 
+// Opens `path` as serve would (read-only, its own parents resolved) and reads what a
+// differencing child records of it. @throws backends::Error, std::invalid_argument.
+ParentImage read_parent(const std::string& path);
+
 // Pure: the file for `request`. @throws std::invalid_argument naming what is wrong (size
 // not a multiple of 512, too large, bad block size, a subformat the format lacks).
 CreatePlan plan_image(const CreateRequest& request, const CreateIds& ids);
+
+// A random (version 4) UUID for a new image.
+formats::Uuid random_uuid();
+
+// Writes the plan to path: O_EXCL unless force (then the old contents go); removes the
+// file when a write fails. @throws backends::Error (EEXIST says to use --force).
+void write_plan(const std::string& path, const CreatePlan& plan, bool force);
 
 // The command: argv[0] is "create". Returns the exit status (0, 1 on errors, 2 on usage).
 int tool_create(int argc, char** argv);

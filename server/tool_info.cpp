@@ -5,6 +5,7 @@
 #include <getopt.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
 #include <cstring>
@@ -15,7 +16,12 @@
 #include "backends/error.hpp"
 #include "backends/file.hpp"
 #include "formats/vdi_layout.hpp"
+#include "server/local_parents.hpp"
 #include "server/tool_common.hpp"
+
+// GCC 12 pairs Asio's coroutine frame operator delete with the ::operator new it falls
+// back to for large frames and reports a mismatch: a false positive.
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 
 namespace imagenbd::server {
 
@@ -116,6 +122,71 @@ asio::awaitable<void> gather_vdi(backends::BlockDevice& file, ImageInfo& info) {
   info.vdi = std::move(v);
 }
 
+// What identifies an image in a chain: its format, its id and its parent's id (nil when
+// it has none), read with the codecs; nullopt for files that are neither VHD nor VDI.
+struct Identity {
+  std::string format;
+  formats::Uuid uuid;
+  formats::Uuid parent;
+};
+
+asio::awaitable<std::optional<Identity>> identity_of(backends::BlockDevice& file) {
+  const uint64_t size = file.size();
+  const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(size, 512));
+  std::array<std::byte, 512> head{}, tail{};
+  if (n == 0) co_return std::nullopt;
+  co_await file.read(0, std::span(head).first(n));
+  co_await file.read(size - n, std::span(tail).first(n));
+  const auto format = formats::probe_format(std::span(head).first(n), std::span(tail).first(n));
+  if (format == formats::Format::vhd) {
+    auto footer = vhd::parse_footer(tail);
+    if (!footer.ok()) footer = vhd::parse_footer(head);
+    if (!footer.ok()) co_return std::nullopt;
+    Identity id{"vhd", footer.value().unique_id, {}};
+    if (footer.value().disk_type == static_cast<uint32_t>(vhd::DiskType::differencing)) {
+      std::array<std::byte, vhd::header_size> hb{};
+      if (footer.value().data_offset > size || size - footer.value().data_offset < hb.size()) {
+        co_return id;
+      }
+      co_await file.read(footer.value().data_offset, hb);
+      const auto header = vhd::parse_dynamic_header(hb);
+      if (header.ok()) id.parent = header.value().parent_unique_id;
+    }
+    co_return id;
+  }
+  if (format == formats::Format::vdi && size >= vdi::header_bytes) {
+    std::array<std::byte, vdi::header_bytes> hb{};
+    co_await file.read(0, hb);
+    const vdi::Header h = vdi::decode_header(hb);
+    co_return Identity{"vdi", h.uuid_create, h.uuid_linkage};
+  }
+  co_return std::nullopt;
+}
+
+// The parent chain of the image `top`, among the images the finder opened while serve's
+// open resolved it: from each image, the opened one whose id is its parent id.
+asio::awaitable<std::vector<ParentInfo>> parent_chain(backends::BlockDevice& top,
+                                                      const std::vector<std::string>& opened) {
+  std::vector<std::pair<std::string, Identity>> known;
+  for (const auto& name : opened) {
+    if (std::any_of(known.begin(), known.end(), [&](const auto& k) { return k.first == name; })) {
+      continue;
+    }
+    auto file = backends::open_file(name, {.read_only = true});
+    if (auto id = co_await identity_of(*file)) known.emplace_back(name, *id);
+  }
+  std::vector<ParentInfo> chain;
+  auto current = co_await identity_of(top);
+  while (current && !current->parent.is_nil() && chain.size() < formats::max_parent_depth) {
+    const auto next = std::find_if(known.begin(), known.end(),
+                                   [&](const auto& k) { return k.second.uuid == current->parent; });
+    if (next == known.end()) break;
+    chain.push_back(ParentInfo{next->first, next->second.format, next->second.uuid.to_string()});
+    current = next->second;
+  }
+  co_return chain;
+}
+
 asio::awaitable<ImageInfo> gather(std::string path, formats::Format format) {
   ImageInfo info;
   info.filename = path;
@@ -127,15 +198,31 @@ asio::awaitable<ImageInfo> gather(std::string path, formats::Format format) {
   }
   if (!S_ISREG(st.st_mode)) info.file_size = file->size();
   std::string refusal;
+  // serve's finder, noting every store it opens: the chain is read from those afterwards.
+  formats::ParentFinder finder = local_parent_finder();
+  std::vector<std::string> opened;
+  finder.open = [&opened, open = finder.open](
+                    const std::string& name) -> asio::awaitable<backends::DevicePtr> {
+    auto device = co_await open(name);
+    if (device) opened.push_back(device->describe());
+    co_return device;
+  };
   try {
-    auto device = co_await formats::open_image(file, {.format = format, .read_only = true});
+    const formats::ImageOptions options{
+        .format = format, .read_only = true, .parents = {.finder = &finder}};
+    auto device = co_await formats::open_image(file, options);
     info.format = device->name();
     info.virtual_size = device->size();
   } catch (const backends::Error& e) {
-    // A valid image serve cannot serve yet (a differencing disk): still worth describing.
-    if (e.errc() != std::errc::operation_not_supported) throw;
+    // A valid image serve cannot serve (not supported yet, or its parent is missing):
+    // still worth describing.
+    if (e.errc() != std::errc::operation_not_supported &&
+        e.errc() != std::errc::no_such_file_or_directory) {
+      throw;
+    }
     refusal = e.what();
   }
+  info.parents = co_await parent_chain(*file, opened);
   if (!refusal.empty()) {
     info.not_served = refusal;
     if (format == formats::Format::automatic) {
@@ -282,6 +369,16 @@ std::string info_json(const ImageInfo& info) {
     };
     top.push_back("\"vdi\": {\n" + join(f, "    ") + "  }");
   }
+  if (!info.parents.empty()) {
+    std::string list = "\"parents\": [\n";
+    for (std::size_t i = 0; i < info.parents.size(); ++i) {
+      const ParentInfo& p = info.parents[i];
+      list += fmt::format("    {{{}, {}, {}}}{}\n", json_str_field("filename", p.filename),
+                          json_str_field("format", p.format), json_str_field("uuid", p.uuid),
+                          i + 1 < info.parents.size() ? "," : "");
+    }
+    top.push_back(list + "  ]");
+  }
   return "{\n" + join(top, "  ") + "}\n";
 }
 
@@ -346,6 +443,13 @@ std::string info_text(const ImageInfo& info) {
     }
     if (!v->comment.empty()) sub("comment", json_string(v->comment));
   }
+  if (!info.parents.empty()) {
+    out += "parent chain:\n";
+    for (std::size_t i = 0; i < info.parents.size(); ++i) {
+      const ParentInfo& p = info.parents[i];
+      out += fmt::format("    {}: {} ({}, uuid {})\n", i + 1, p.filename, p.format, p.uuid);
+    }
+  }
   return out;
 }
 
@@ -356,7 +460,10 @@ Show what a disk image is: its format (probed like 'imagenbd serve' does unless 
 names it), virtual size, file size and allocated bytes, and per format: for VHD the
 subformat, creator, geometry, current_size and CHS size (and which one is served),
 block size and allocated blocks, UUID and the parent of a differencing disk; for VDI
-the type, version, block size, blocks allocated and total, and the UUIDs.
+the type, version, block size, blocks allocated and total, and the UUIDs (parent UUIDs
+of a differencing image). For differencing images, the parent chain serve resolves
+(nearest parent first: file, format, UUID); an image whose parent cannot be found is
+still described, with serve's message, which lists every name tried.
 
 Options:
   -f, --format=FMT   raw, vhd (or vpc), vdi; default: probe

@@ -52,6 +52,13 @@ struct VdiInfo {
   std::string parent_modify_uuid;  // uuidParentModify
 };
 
+// One image of a differencing image's parent chain (parent first, then its parent...).
+struct ParentInfo {
+  std::string filename;  // as the finder opened it (the real path of a local file)
+  std::string format;    // "vhd", "vdi"
+  std::string uuid;      // vhd: footer unique id; vdi: uuid_create
+};
+
 struct ImageInfo {
   std::string filename;
   std::string format;  // "raw", "vhd", "vdi"
@@ -61,9 +68,14 @@ struct ImageInfo {
   std::string not_served;        // why serve refuses this valid image (ENOTSUP), or ""
   std::optional<VhdInfo> vhd;
   std::optional<VdiInfo> vdi;
+  // Differencing images: the parents serve opened, nearest first (complete when
+  // not_served is empty).
+  std::vector<ParentInfo> parents;
 };
 
-// Opens path read-only like serve does and gathers its information.
+// Opens path read-only like serve does (parents found the way serve finds them) and gathers
+// its information. A differencing image whose parent is missing is still described, with
+// serve's message in not_served.
 // @throws backends::Error with serve's message for unreadable or damaged images.
 ImageInfo gather_info(const std::string& path, formats::Format format);
 

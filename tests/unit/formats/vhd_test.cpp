@@ -765,11 +765,21 @@ TEST_CASE("vhd: malformed images are refused, each with its own message") {
           "vhd: disk.vhd: footer: cookie \"\\0\\0\\0\\0\\0\\0\\0\\0\" is not \"conectix\"; the "
           "footer at offset 0 is a fixed disk's, which keeps no copy there");
   }
-  SUBCASE("differencing") {
+  SUBCASE("differencing without a parent id") {
     file.footer.disk_type = 4;
     CHECK(refusal(file.bytes()) ==
-          std::pair{std::errc::operation_not_supported,
-                    "vhd: disk.vhd: differencing VHD is not supported yet"s});
+          std::pair{std::errc::invalid_argument,
+                    "vhd: disk.vhd: dynamic header: parent_unique_id is nil in a differencing "
+                    "disk"s});
+  }
+  SUBCASE("differencing, opened with no way to find its parent") {
+    file.footer.disk_type = 4;
+    file.header.parent_unique_id = imagenbd::formats::Uuid{{1, 2}};
+    CHECK(refusal(file.bytes()) ==
+          std::pair{std::errc::invalid_argument,
+                    "vhd: disk.vhd: differencing VHD needs its parent (unique id "
+                    "01020000-0000-0000-0000-000000000000, name \"\"), and nothing was given "
+                    "to look for it"s});
   }
   SUBCASE("unknown disk type") {
     file.footer.disk_type = 7;
