@@ -133,7 +133,8 @@ cat "$tmpdir/diff.json"
 [ "$(json_get "$tmpdir/diff.json" vhd parent_uuid)" = 01234567-89ab-4cde-8f01-23456789abcd ] ||
     fail "diff parent uuid"
 [ "$(json_get "$tmpdir/diff.json" vhd parent_name)" = "parent.vhdé" ] || fail "diff parent name"
-json_get "$tmpdir/diff.json" not_served | grep -q "differencing VHD is not supported yet" ||
+json_get "$tmpdir/diff.json" not_served |
+    grep -q 'parent not found: wanted unique id 01234567-89ab-4cde-8f01-23456789abcd (name "parent.vhd.*"); tried: .*/parent.vhd.* (the header.s parent name): not found' ||
     fail "diff: not_served does not say why"
 
 # --- damaged images: serve's message, exit status 1 ------------------------------------
