@@ -19,6 +19,7 @@
 #include "server/exports.hpp"
 #include "server/server.hpp"
 #include "server/tool_common.hpp"
+#include "server/tool_convert.hpp"
 #include "server/tool_create.hpp"
 #include "server/tool_info.hpp"
 
@@ -34,7 +35,9 @@ Commands:
   serve      serve disk images over NBD (the default; its options follow)
   info       show an image's format, sizes and metadata ('imagenbd info --help')
   create     create an empty raw, VHD or VDI image ('imagenbd create --help')
-  (convert, check and resize are not built yet)
+  convert    copy an image into another format: raw, VHD, VDI, Azure's fixed VHD
+             ('imagenbd convert --help')
+  (check and resize are not built yet)
 
 )",
              stdout);
@@ -110,6 +113,7 @@ int main(int argc, char** argv) {
     if (first == "serve") return serve(argc - 1, argv + 1);
     if (first == "info") return server::tool_info(argc - 1, argv + 1);
     if (first == "create") return server::tool_create(argc - 1, argv + 1);
+    if (first == "convert") return server::tool_convert(argc - 1, argv + 1);
     if (first == "-h" || first == "--help" || first == "help") {
       print_main_help();
       return 0;
