@@ -298,9 +298,13 @@ asio::awaitable<DevicePtr> open_parent(backends::BlockDevice& child, const std::
   }
   std::string list;
   for (const auto& t : tried) list += (list.empty() ? "" : "; ") + t;
+  // Deep in a chain, say which image was being served.
+  const std::string chain_note =
+      chain.names.empty() ? "" : fmt::format(" (chain: {})", chain_text(chain.names, path));
   backends::fail(std::errc::no_such_file_or_directory,
-                 "vhd: {}: parent not found: wanted unique id {} (name \"{}\"); tried: {}", path,
-                 wanted, recorded, list.empty() ? "nothing (no locator and no name)" : list);
+                 "vhd: {}: parent not found: wanted unique id {} (name \"{}\"); tried: {}{}", path,
+                 wanted, recorded, list.empty() ? "nothing (no locator and no name)" : list,
+                 chain_note);
 }
 
 asio::awaitable<DevicePtr> open_dynamic(DevicePtr child, const std::string& path,

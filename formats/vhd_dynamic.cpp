@@ -21,6 +21,13 @@
 //
 // Freed blocks (trim or zero of a whole block) are never reused: a request that read the
 // BAT before the free may still be writing there. Their space is punched out of the file.
+//
+// Differencing disks (parent_ set): absent sectors read from the parent. A new block gets
+// the bits of the sectors written only, its partial first and last sectors completed from
+// the parent before the block is written (so the order above is unchanged); later writes
+// to absent sectors write the data, then the bits (write_absent). Nothing is ever freed:
+// a free block would show the parent again, so zero() writes zeroes and sets their bits,
+// and trim() does nothing.
 #include "formats/vhd_dynamic.hpp"
 
 #include <algorithm>

@@ -19,9 +19,9 @@ struct DynamicParams {
   std::array<std::byte, footer_size> footer{};
   uint64_t size = 0;  // the virtual size, <= layout.current_size
   bool writable = false;
-  // Differencing disks (not opened yet): sectors this file does not hold are read from the
-  // parent instead of as zeroes. A layer with a parent is read-only until allocation
-  // learns to copy up and to set only the bits written (formats.md §1.7).
+  // Differencing disks: the parent layer (as large as `size`), opened read-only. Sectors
+  // this file does not hold read from it instead of as zeroes; writes set only the bits of
+  // the sectors written; blocks are never freed (formats.md §1.7).
   backends::DevicePtr parent;
 };
 

@@ -138,6 +138,7 @@ mv "$d/base.vhd" "$d/elsewhere.vhd"
 must_fail "$tmpdir/missing.txt" "$IMAGENBD" serve -r -k "$sockdir/missing.sock" "$d/top.vhd"
 must_contain "$tmpdir/missing.txt" "vhd: $d/mid.vhd: parent not found: wanted unique id $base_uuid \(name \"base.vhd\"\); tried: "
 must_contain "$tmpdir/missing.txt" "$d/base.vhd \(W2ru locator [0-9]\): not found"
+must_contain "$tmpdir/missing.txt" "\(chain: $d/top.vhd -> $d/mid.vhd\)"
 must_contain "$tmpdir/missing.txt" "$tmpdir/imgs/base.vhd \(W2ku locator [0-9]\): not found"
 # info still describes the image, with serve's refusal.
 "$IMAGENBD" info --json "$d/top.vhd" >"$tmpdir/orphan.json"
