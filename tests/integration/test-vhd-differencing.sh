@@ -76,6 +76,20 @@ qemu-img compare -f raw -F raw "$tmpdir/chain.raw" "$(nbd_uri chain)" ||
     fail "top.vhd reopened differs"
 stop_imagenbd
 
+# Unaligned and FUA writes (partial sectors completed from the parent), on a sibling of
+# top.vhd (libvhdi is no oracle for these), then reopened.
+"$IMAGENBD" create -f vhd --parent "$d/mid.vhd" "$tmpdir/odd.vhd"
+cp "$tmpdir/mid.raw" "$tmpdir/odd.raw"
+start_imagenbd -x odd "$tmpdir/odd.vhd"
+both odd 'write -P 0x91 1000 3000' 'write -P 0x92 1048000 1000' 'write -f -P 0x93 5M 4k' \
+    'write -P 0x94 6291000 10' 'write -z 14680001 700' 'aio_write -P 0x95 8389000 100' \
+    'aio_write -P 0x96 8389200 100' 'aio_flush'
+stop_imagenbd
+start_imagenbd -r -x odd "$tmpdir/odd.vhd"
+qemu-img compare -f raw -F raw "$tmpdir/odd.raw" "$(nbd_uri odd)" ||
+    fail "odd.vhd (unaligned writes) reopened differs"
+stop_imagenbd
+
 # --- info: UUIDs and the chain ----------------------------------------------------------
 "$IMAGENBD" info --json "$d/top.vhd" | tee "$tmpdir/top.json"
 "$IMAGENBD" info --json "$d/mid.vhd" >"$tmpdir/mid.json"
