@@ -19,9 +19,11 @@
 #include "server/exports.hpp"
 #include "server/server.hpp"
 #include "server/tool_common.hpp"
+#include "server/tool_check.hpp"
 #include "server/tool_convert.hpp"
 #include "server/tool_create.hpp"
 #include "server/tool_info.hpp"
+#include "server/tool_resize.hpp"
 
 namespace {
 
@@ -37,7 +39,8 @@ Commands:
   create     create an empty raw, VHD or VDI image ('imagenbd create --help')
   convert    copy an image into another format: raw, VHD, VDI, Azure's fixed VHD
              ('imagenbd convert --help')
-  (check and resize are not built yet)
+  check      check an image's structure, like qemu-img check ('imagenbd check --help')
+  resize     change an image's virtual size ('imagenbd resize --help')
 
 )",
              stdout);
@@ -114,6 +117,8 @@ int main(int argc, char** argv) {
     if (first == "info") return server::tool_info(argc - 1, argv + 1);
     if (first == "create") return server::tool_create(argc - 1, argv + 1);
     if (first == "convert") return server::tool_convert(argc - 1, argv + 1);
+    if (first == "check") return server::tool_check(argc - 1, argv + 1);
+    if (first == "resize") return server::tool_resize(argc - 1, argv + 1);
     if (first == "-h" || first == "--help" || first == "help") {
       print_main_help();
       return 0;

@@ -1,0 +1,32 @@
+#include "formats/check_report.hpp"
+
+#include <array>
+#include <cctype>
+#include <sstream>
+#include <string_view>
+
+namespace imagenbd::formats {
+
+std::string problem_field(const std::string& message) {
+  std::string_view rest = message;
+  const auto colon = rest.find(": ");
+  if (colon != std::string_view::npos) rest.remove_prefix(colon + 2);
+  static constexpr std::array<std::string_view, 22> stops{
+      "is",      "are",     "does",  "has",      "have",   "lies",     "lie",     "extends",
+      "with",    "without", "gives", "mismatch", "points", "overlaps", "overlap", "runs",
+      "differs", "cannot",  "marks", "of",       "at",     "and"};
+  std::istringstream words{std::string(rest)};
+  std::string word, field;
+  while (words >> word) {
+    const unsigned char first = static_cast<unsigned char>(word[0]);
+    if (std::isdigit(first) || first == '"' || first == '(' || first == '\'') break;
+    bool stop = false;
+    for (auto s : stops) stop = stop || word == s;
+    if (stop) break;
+    if (!field.empty()) field += ' ';
+    field += word;
+  }
+  return field;
+}
+
+}  // namespace imagenbd::formats
