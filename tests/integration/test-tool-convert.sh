@@ -119,7 +119,7 @@ for a in "${kinds[@]}"; do
 done
 
 # Nothing but the outputs was left in the directory (no temporary files).
-ls -a "$tmpdir" | grep -q 'imagenbd-' && fail "temporary files left: $(ls -a "$tmpdir")"
+ls -a "$tmpdir" | grep -Eq '^\..*\.imagenbd-[0-9a-f]{8}$' && fail "temporary files left: $(ls -a "$tmpdir")"
 
 # --- UUIDs survive VHD <-> VDI, in each format's byte order --------------------------
 "$IMAGENBD" convert -O vhd "$src" "$tmpdir/u.vhd"
@@ -254,7 +254,7 @@ before=$(md5sum <"$tmpdir/odd.raw")
 must_fail "$tmpdir/err" "$IMAGENBD" convert --force -O raw "$tmpdir/bad.vdi" "$tmpdir/odd.raw"
 must_contain "$tmpdir/err" "bad.vdi"
 [ "$(md5sum <"$tmpdir/odd.raw")" = "$before" ] || fail "a failed --force convert changed OUT"
-ls -a "$tmpdir" | grep -q 'imagenbd-' && fail "temporary files left: $(ls -a "$tmpdir")"
+ls -a "$tmpdir" | grep -Eq '^\..*\.imagenbd-[0-9a-f]{8}$' && fail "temporary files left: $(ls -a "$tmpdir")"
 
 # --- differencing inputs are flattened ----------------------------------------------
 if "$IMAGENBD" create --help | grep -q -- '--parent'; then
@@ -269,8 +269,37 @@ if "$IMAGENBD" create --help | grep -q -- '--parent'; then
         fail "the flattened child differs from base + its writes"
     "$IMAGENBD" info --json "$tmpdir/flat.vdi" >"$tmpdir/flat.json"
     [ "$(json_get "$tmpdir/flat.json" vdi subformat)" = dynamic ] || fail "flat.vdi subformat"
+    # A differencing VDI (parent found by UUID in the same directory), flattened to VHD.
+    "$IMAGENBD" create -f vdi --parent "$tmpdir/flat.vdi" "$tmpdir/vchild.vdi"
+    cp "$tmpdir/child.raw" "$tmpdir/vchild.raw"
+    start_imagenbd -x vchild "$tmpdir/vchild.vdi"
+    both vchild "write -P 0x77 $(( 40 * mib )) 64k"
+    stop_imagenbd
+    "$IMAGENBD" convert -O vhd --subformat fixed "$tmpdir/vchild.vdi" "$tmpdir/vflat.vhd" ||
+        fail "flatten vdi"
+    qemu-img compare -f raw -F vpc "$tmpdir/vchild.raw" "$tmpdir/vflat.vhd" ||
+        fail "the flattened VDI child differs from its parent + its writes"
 else
     echo "create --parent is not built: differencing inputs not checked"
 fi
+
+# --- SIGINT: the conversion stops, and neither OUT nor a temporary file is left ------
+head -c $(( 192 * mib )) /dev/urandom >"$tmpdir/big.img"
+"$IMAGENBD" convert -O vdi "$tmpdir/big.img" "$tmpdir/big.vdi" 2>"$tmpdir/err" &
+pid=$!
+sleep 0.3
+kill -INT "$pid" 2>/dev/null || :
+status=0
+wait "$pid" || status=$?
+cat "$tmpdir/err"
+if [ "$status" = 0 ]; then   # too fast to interrupt: then it must be complete
+    qemu-img compare -f raw -F vdi "$tmpdir/big.img" "$tmpdir/big.vdi" || fail "big.vdi"
+else
+    [ "$status" = 1 ] || fail "interrupted convert: exit $status, expected 1"
+    must_contain "$tmpdir/err" "interrupted"
+    [ -e "$tmpdir/big.vdi" ] && fail "an interrupted convert left OUT"
+fi
+ls -a "$tmpdir" | grep -Eq '^\..*\.imagenbd-[0-9a-f]{8}$' && fail "temporary files left: $(ls -a "$tmpdir")"
+rm -f "$tmpdir/big.img" "$tmpdir/big.vdi"
 
 echo "$test_name: OK"
