@@ -5,7 +5,8 @@
 # (qemu-io over NBD: allocating, unaligned, concurrent and FUA writes, write -z, discard;
 # nbdcopy of a random file) pass qemu-img check and compare equal to a raw file given the
 # same writes; fio verifies writes from four connections at once. (3) Damaged images (bad
-# signature, truncated file, differencing) are refused, naming the file and the field.
+# signature, truncated file, differencing without its parent) are refused, naming the file
+# and the field.
 source "$(dirname "$0")/functions.sh"
 set -x
 
@@ -155,9 +156,10 @@ for ro in "" -r; do
         "vdi: $tmpdir/short.vdi: block map entry 23 points past the end of the file"
 done
 
-# A differencing image is recognised and refused as such: patch the type and a parent.
+# A differencing image whose parent is nowhere is refused as such (never read as if it had
+# no parent): patch the type and a parent UUID. test-vdi-differencing.sh has the rest.
 cp "$tmpdir/dynamic.vdi" "$tmpdir/diff.vdi"
 printf '\x04' | dd of="$tmpdir/diff.vdi" bs=1 seek=$(( 0x4c )) conv=notrunc status=none
 printf '\x01' | dd of="$tmpdir/diff.vdi" bs=1 seek=$(( 0x1a8 )) conv=notrunc status=none
 serve_fails "$tmpdir/diff.out" "$tmpdir/diff.vdi"
-must_contain "$tmpdir/diff.out" "vdi: $tmpdir/diff.vdi: differencing VDI is not supported yet"
+must_contain "$tmpdir/diff.out" "vdi: $tmpdir/diff.vdi: parent not found: no image with uuidCreate"

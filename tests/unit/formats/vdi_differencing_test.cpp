@@ -265,7 +265,7 @@ TEST_CASE("vdi differencing: a three-image chain matches a flat shadow, also reo
   CHECK(at == disk);
 }
 
-TEST_CASE("vdi differencing: zero hides the parent; trim may leave it visible") {
+TEST_CASE("vdi differencing: zero hides the parent, trim may leave it visible") {
   Directory dir;
   dir.add("base.vdi", 4 * MiB, MiB, -1, 1);
   fill(dir, "base.vdi", 0, pattern(4 * MiB, 1));

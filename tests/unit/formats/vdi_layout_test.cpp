@@ -295,7 +295,7 @@ TEST_CASE("vdi layout: every malformed header field is refused, naming it") {
   }
 }
 
-TEST_CASE("vdi layout: odd disk sizes round down; other valid variants pass") {
+TEST_CASE("vdi layout: odd disk sizes round down, other valid variants pass") {
   Header h = good(5 * MiB - 100);
   auto r = check_header(h, map_end(h));
   REQUIRE(r.ok());

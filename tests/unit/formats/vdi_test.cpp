@@ -130,7 +130,7 @@ TEST_CASE("vdi: an empty dynamic image reads as zeroes and is one hole") {
   CHECK(header_of(*file).uuid_modify == uuid(100));
 }
 
-TEST_CASE("vdi: a static image is all data; writes go in place and allocate nothing") {
+TEST_CASE("vdi: a static image is all data, writes go in place and allocate nothing") {
   auto file = make_file(3 * MiB, vdi::ImageType::fixed);
   run(file->write(data_at + MiB + 10, pattern(100, 1), {}));  // virtual MiB + 10
   auto d = open(file);
@@ -398,7 +398,7 @@ TEST_CASE("vdi: block extra bytes sit before each block's data") {
   CHECK(read(*open(dynamic), MiB + 3, 10) == pattern(10, 2));
 }
 
-TEST_CASE("vdi: an odd disk size is rounded down; the last block holds only what fits") {
+TEST_CASE("vdi: an odd disk size is rounded down, the last block holds only what fits") {
   auto file = make_file(3 * MiB - 100);
   auto d = open(file);
   CHECK(d->size() == 3 * MiB - 512);
@@ -410,7 +410,7 @@ TEST_CASE("vdi: an odd disk size is rounded down; the last block holds only what
   CHECK(file->size() == data_at + MiB);  // the whole block is in the file, as qemu does
 }
 
-TEST_CASE("vdi: read-only opens refuse writes; nil UUIDs are served only read-only") {
+TEST_CASE("vdi: read-only opens refuse writes, nil UUIDs are served only read-only") {
   auto file = make_file(2 * MiB);
   auto d = open(file, /*read_only=*/true);
   CHECK(!d->caps().writable);
