@@ -131,8 +131,9 @@ boost::asio::awaitable<FoundParent> find_parent(backends::BlockDevice& child, co
     if (tried.size() > max_listed) list += fmt::format("; and {} more", tried.size() - max_listed);
     backends::fail(std::errc::no_such_file_or_directory,
                    "vdi: {}: parent not found: no image with uuidCreate {} (its uuidLinkage) "
-                   "next to it; name it with --parent. Searched {} files{}{}",
-                   self, wanted, tried.size(), list.empty() ? "" : ": ", list);
+                   "next to it; name it with --parent. Searched {} file{}{}{}",
+                   self, wanted, tried.size(), tried.size() == 1 ? "" : "s",
+                   list.empty() ? "" : ": ", list);
   }
   // Copies of the parent share its uuidCreate; the one the child was made from has the
   // uuidModify it recorded, unless the parent was written since.

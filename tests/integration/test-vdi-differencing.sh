@@ -100,6 +100,16 @@ $(( 22 * mib )) $(( 2 * mib )) 3
 EOF
 stop_imagenbd
 [ "$(md5sum <"$d/diff1.vdi")" = "$diff1_md5" ] || fail "diff1.vdi changed while diff2 was written"
+# info shows the chain: diff2's parent UUID is diff1's, and its parents are diff1, base.
+"$IMAGENBD" info --json "$d/diff2.vdi" >"$tmpdir/diff2.json"
+"$IMAGENBD" info --json "$d/diff1.vdi" >"$tmpdir/diff1.json"
+py3 - "$tmpdir/diff2.json" "$tmpdir/diff1.json" <<'EOF' || fail "info --json diff2.vdi: wrong chain"
+import json, os, sys
+top, mid = (json.load(open(p)) for p in sys.argv[1:3])
+assert top["vdi"]["subformat"] == "differencing", top
+assert top["vdi"]["parent_uuid"] == mid["vdi"]["uuid"], (top, mid)
+assert [os.path.basename(p["filename"]) for p in top["parents"]] == ["diff1.vdi", "base.vdi"], top
+EOF
 [ "$(md5sum <"$d/base.vdi")" = "$base_md5" ] || fail "base.vdi changed while diff2 was written"
 
 # A fresh process reads every layer of the chain as the expectations say.
