@@ -148,6 +148,7 @@ std::vector<Block> check_entries(std::span<const uint32_t> bat, const vhd::Dynam
                      fmt::format("BAT entry {} points into {} at 0x{:x} (block 0x{:x} to 0x{:x})",
                                  i, r.what, r.offset, start, start + span));
         overlaps = true;
+        break;
       }
     }
     if (overlaps) continue;
