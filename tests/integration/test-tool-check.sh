@@ -158,6 +158,20 @@ truncate -s $(( $(stat -c %s q-dyn.vdi) + 1048576 )) tail.vdi
 expect_status 3 tail.txt "$IMAGENBD" check tail.vdi
 must_contain tail.txt '^1048576 leaked bytes were found on the image\.$'
 
+# --- differencing images: the parent link is checked --------------------------------------
+"$IMAGENBD" create -f vhd base.vhd 10M
+"$IMAGENBD" create -f vhd --parent base.vhd child.vhd
+"$IMAGENBD" create -f vdi base.vdi 10M
+"$IMAGENBD" create -f vdi --parent base.vdi child.vdi
+expect_status 0 child-vhd.txt "$IMAGENBD" check child.vhd
+expect_status 0 child-vdi.txt "$IMAGENBD" check child.vdi
+mkdir moved && mv base.vhd base.vdi moved/
+expect_status 2 orphan-vhd.txt "$IMAGENBD" check --json child.vhd
+[ "$(json_get orphan-vhd.txt errors 0 structure)" = parent ] || fail "child.vhd: missing parent"
+must_contain orphan-vhd.txt 'parent not found'
+expect_status 2 orphan-vdi.txt "$IMAGENBD" check --json child.vdi
+[ "$(json_get orphan-vdi.txt errors 0 structure)" = parent ] || fail "child.vdi: missing parent"
+
 # --- other exit codes ------------------------------------------------------------------
 qemu-img create -f raw disk.raw 1M
 expect_status 63 raw.txt "$IMAGENBD" check disk.raw

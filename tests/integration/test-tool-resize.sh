@@ -118,6 +118,14 @@ resized vdi idyn.vdi idyn-vdi.raw $(( 24 * mib ))
 [ "$(qsize vdi idyn.vdi)" = $(( 2 * mib )) ] || fail "idyn.vdi: shrink"
 qemu-img check idyn.vdi || fail "idyn.vdi: qemu-img check after shrink"
 
+# --- differencing images are refused ------------------------------------------------------
+"$IMAGENBD" create -f vhd base.vhd 10M
+"$IMAGENBD" create -f vhd --parent base.vhd child.vhd
+status=0; "$IMAGENBD" resize child.vhd 20M 2>err.txt || status=$?
+cat err.txt; [ "$status" -eq 1 ] || fail "differencing resize exited $status"
+must_contain err.txt 'differencing disk cannot be resized'
+[ "$(qsize vpc child.vhd)" = $(( 10 * mib )) ] || fail "child.vhd changed"
+
 # --- raw, and usage ------------------------------------------------------------------------
 qemu-img create -f raw disk.raw 1M
 "$IMAGENBD" resize disk.raw 3M
