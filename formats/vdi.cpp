@@ -345,6 +345,13 @@ class Vdi final : public backends::BlockDevice {
       }
       const uint64_t n = std::min(block_end, end) - at;
       if (parent_ && !co_await parent_reads_zero(at, n)) {
+        if (child_flags.fast) {
+          // NBD_CMD_FLAG_FAST_ZERO: copying a block up is the slow path the client declined.
+          backends::fail(std::errc::operation_not_supported,
+                         "vdi: {}: a fast zero of part of block {} would copy it up from the "
+                         "parent",
+                         describe(), index);
+        }
         co_await allocate(index, static_cast<uint32_t>(at - block_start), static_cast<uint32_t>(n),
                           {});
         allocated = true;

@@ -289,6 +289,15 @@ TEST_CASE("vdi differencing: zero hides the parent, trim may leave it visible") 
                                                              {2 * MiB, ExtentKind::data}});
     CHECK(read(*dir.open("diff.vdi"), 0, 4 * MiB) == all);
   }
+  SUBCASE("a fast zero that would copy up is refused; of whole blocks it is fine") {
+    const Error e = error_of([&] { run(d->zero(100, 1000, {.fast = true})); });
+    CHECK(e.errc() == std::errc::operation_not_supported);
+    CHECK(map_of(*child)[0] == vdi::entry_free);
+    const auto base = pattern(4 * MiB, 1);
+    CHECK(read(*d, 0, MiB) == std::vector(base.begin(), base.begin() + MiB));
+    run(d->zero(MiB, MiB, {.fast = true}));
+    CHECK(map_of(*child)[1] == vdi::entry_zero);
+  }
   SUBCASE("a whole block of zeroes written is a zero entry too") {
     run(d->write(3 * MiB, std::vector<std::byte>(MiB), {}));
     CHECK(map_of(*child)[3] == vdi::entry_zero);
