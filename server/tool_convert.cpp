@@ -258,7 +258,11 @@ asio::awaitable<void> convert_async(Conversion& c) {
   }
   summary.output_subformat = plan.subformat;
   if (cmd.out_format != Format::raw) summary.uuid = ids.uuid.to_string();
-  write_plan(c.temp, plan, false);
+  try {
+    write_plan(c.temp, plan, false);
+  } catch (const backends::Error& e) {
+    backends::fail(e.errc(), "cannot write {}: {}", cmd.out, e.what());
+  }
   c.temp_created = true;
   auto out_file = backends::open_file(c.temp, {.read_only = false});
   auto out = co_await formats::open_image(out_file, {.format = cmd.out_format, .read_only = false});
