@@ -480,6 +480,13 @@ TEST_CASE("vhd differencing: concurrent unaligned writers sharing blocks and sec
   CHECK(read(*chain.store.open("imgs/top.vhd"), 0, Chain::size) == chain.model);
 }
 
+TEST_CASE("vhd differencing: a parent timestamp mismatch is only a warning") {
+  Store store;
+  store.add("base.vhd", empty_vhd(MiB, 64 * KiB, id(1)));  // footer timestamp 7
+  store.add("c.vhd", empty_vhd(MiB, 64 * KiB, id(2), id(1), {}, "base.vhd", 8));
+  CHECK(store.open("c.vhd")->size() == MiB);
+}
+
 TEST_CASE("vhd differencing: refusals name what was tried") {
   const uint64_t size = MiB;
   Store store;
