@@ -187,7 +187,9 @@ std::vector<Block> check_entries(std::span<const uint32_t> bat, const vhd::Dynam
 
 // Space between the structures: gaps of at least one block are leaked blocks (a crash
 // between writing a block and its BAT entry, or a block freed by trim); smaller ones are
-// alignment padding (imagenbd puts block data on 4 KiB boundaries).
+// alignment padding (imagenbd puts block data on 4 KiB boundaries). Space between the
+// metadata and the first block is slack, not a leak: it is what resize leaves when it
+// moves the blocks after a growing BAT (blocks are only ever appended at the end).
 void scan_space(const vhd::DynamicLayout& layout, const std::vector<Block>& blocks,
                 uint64_t end_of_data, CheckReport& report) {
   struct Used {
@@ -198,9 +200,10 @@ void scan_space(const vhd::DynamicLayout& layout, const std::vector<Block>& bloc
   for (const auto& b : blocks) used.push_back({b.start, layout.block_span()});
   std::sort(used.begin(), used.end(),
             [](const Used& a, const Used& b) { return a.offset < b.offset; });
+  const uint64_t first_block = blocks.empty() ? 0 : blocks.front().start;
   uint64_t cursor = 0, leaked = 0, first_leak = 0, leaks = 0;
   auto gap = [&](uint64_t from, uint64_t to) {
-    if (to <= from || to - from < layout.block_span()) return;
+    if (to <= from || to - from < layout.block_span() || to <= first_block) return;
     if (leaks++ == 0) first_leak = from;
     leaked += to - from;
   };

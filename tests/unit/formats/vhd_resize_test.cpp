@@ -211,3 +211,19 @@ TEST_CASE("resize_vhd: a failure at any step leaves a sound image of the old or 
   }
   CHECK(completed_at > 10);  // every step before it was tried
 }
+
+TEST_CASE("resize_vhd: small blocks, several in the BAT's way; no leak is left behind") {
+  auto file = dynamic_vhd(MiB, 64 * 1024);  // 16 entries; block data on 4 KiB boundaries
+  for (uint64_t i = 0; i < 16; ++i) write_at(file, i * 64 * 1024, pattern(4096, uint8_t(i)));
+  const auto result = run(resize_vhd(*file, {.new_size = 2048 * MiB}));  // a 128 KiB BAT
+  CHECK(result.relocated_blocks >= 2);
+  for (uint64_t i = 0; i < 16; ++i) {
+    CAPTURE(i);
+    CHECK(read_at(file, i * 64 * 1024, 4096) == pattern(4096, uint8_t(i)));
+  }
+  const CheckReport r = run(check_vhd(file, {}));
+  CHECK(r.errors.empty());
+  CHECK(r.warnings.empty());
+  CHECK(r.leaked_bytes == 0);
+  CHECK(r.allocated_blocks == 16);
+}
