@@ -1,6 +1,7 @@
 // `resize` for fixed and dynamic VHD (formats.md §1.4-§1.7, §1.9-§1.11), like vhd-util
-// resize: a new current_size and geometry in both footers; a dynamic disk's BAT grows with
-// it, moving the blocks that sit where the BAT must grow to the end of the file first.
+// resize: a new current_size and geometry in both footers (original_size too: libvhdi
+// reports it as the media size); a dynamic disk's BAT grows with it, moving the blocks
+// that sit where the BAT must grow to the end of the file first.
 // Differencing disks are refused (their size is their parent's).
 #pragma once
 
