@@ -5,8 +5,9 @@
 # and concurrent writes) is served like a raw file given the same writes, also by a fresh
 # process; parents are never written. The parent is found by UUID in the same directory, or
 # named with `serve --parent` (also in another directory); a missing or wrong parent is
-# refused with what was searched, a changed parent is reported. qemu refuses VDIs with a
-# parent UUID, so it checks only the base (qemu-img check, compare).
+# refused with what was searched, a changed parent is reported. SIGKILL during copy-up
+# writes never leaves a half-copied block. qemu refuses VDIs with a parent UUID, so it
+# checks only the base (qemu-img check, compare).
 source "$(dirname "$0")/functions.sh"
 set -x
 
@@ -152,3 +153,57 @@ qemu-img compare -f raw -F raw "$tmpdir/chain.raw" "$(nbd_uri chain)" ||
 stop_imagenbd
 must_contain "$imagenbd_log" \
     "vdi: $d/diff2.vdi: parent .*diff1\.vdi has uuidModify .* the parent was modified after the child was made"
+
+# --- SIGKILL during copy-up writes ------------------------------------------------------
+# The parent is 0x11 everywhere; one 8 KiB write per block of the child, at a different
+# offset in each, and the server killed at a random moment. Afterwards the child opens,
+# every acknowledged write (writethrough: FUA) is there, and every block, written or not,
+# reads as the parent around the write: a block is either not yet in the map or wholly
+# copied up, never half.
+crash=$tmpdir/crash
+mkdir "$crash"
+"$IMAGENBD" create -f vdi "$crash/base.vdi" 64M
+io vdi "$crash/base.vdi" 'write -P 0x11 0 64M'
+writes=() around=()
+for k in $(seq 0 63); do
+    at=$(( k * mib + (k * 12288) % (mib - 8192) ))
+    writes+=(-c "write -P $(( k + 1 )) $at 8k")
+    [ "$at" -gt $(( k * mib )) ] && around+=(-c "read -P 0x11 $(( k * mib )) $(( at - k * mib ))")
+    around+=(-c "read -P 0x11 $(( at + 8192 )) $(( (k + 1) * mib - at - 8192 ))")
+done
+server=
+kill_server () { [ -n "$server" ] && kill -KILL "$server" 2>/dev/null; :; }
+cleanup_fn kill_server
+for round in 1 2 3 4 5 6; do
+    rm -f "$crash/diff.vdi" "$crash/s.sock" "$crash/pid"
+    "$IMAGENBD" create -f vdi --parent "$crash/base.vdi" "$crash/diff.vdi" >/dev/null
+    "$IMAGENBD" serve -q -k "$crash/s.sock" --pid-file "$crash/pid" "$crash/diff.vdi" \
+        </dev/null >>"$tmpdir/crash-server.log" 2>&1 &
+    server=$!
+    for (( i = 0; i < 100; ++i )); do
+        [ -s "$crash/pid" ] && [ -S "$crash/s.sock" ] && break
+        sleep 0.05
+    done
+    [ -S "$crash/s.sock" ] || fail "crash round $round: the server did not start"
+    qemu-io -f raw "${writes[@]}" "nbd+unix:///?socket=$crash/s.sock" >"$tmpdir/io.out" 2>&1 &
+    client=$!
+    sleep "0.$(printf %03d $(( RANDOM % 300 + 5 )))"
+    kill -KILL "$server"
+    wait "$server" 2>/dev/null || :
+    server=
+    wait "$client" 2>/dev/null || :
+    acked=()
+    while read -r offset; do
+        acked+=(-c "read -P $(( offset / mib + 1 )) $offset 8k")
+    done < <(sed -n 's/^wrote 8192\/8192 bytes at offset \([0-9]*\)$/\1/p' "$tmpdir/io.out")
+    echo "crash round $round: $(( ${#acked[@]} / 2 )) of 64 writes acknowledged before the kill"
+    start_imagenbd -r -x chain "$crash/diff.vdi"
+    qemu-io -f raw -r "${acked[@]}" "${around[@]}" "$(nbd_uri chain)" >"$tmpdir/check.out" 2>&1 ||
+        { cat "$tmpdir/check.out"; fail "crash round $round: reading the child failed"; }
+    if grep -Ei 'fail|error' "$tmpdir/check.out"; then
+        fail "crash round $round: a write or the parent's data around it is missing"
+    fi
+    [ "$(grep -c '^read ' "$tmpdir/check.out")" -eq $(( (${#acked[@]} + ${#around[@]}) / 2 )) ] ||
+        fail "crash round $round: qemu-io did not run every read"
+    stop_imagenbd
+done
