@@ -99,13 +99,15 @@ asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options) {
                        RawOptions{.read_only = options.read_only, .probed = probed});
   }
   if (format == Format::vhd) {
-    co_return co_await open_vhd(std::move(child), VhdOptions{.read_only = options.read_only,
-                                                             .size = options.vhd_size,
-                                                             .parents = options.parents});
+    // Named, not a temporary inside co_await: GCC 12 destroys such temporaries twice when
+    // they hold a non-empty vector (the parent chain below the top image).
+    const VhdOptions vhd_options{
+        .read_only = options.read_only, .size = options.vhd_size, .parents = options.parents};
+    co_return co_await open_vhd(std::move(child), vhd_options);
   }
   if (format == Format::vdi) {
-    co_return co_await open_vdi(
-        std::move(child), VdiOptions{.read_only = options.read_only, .parents = options.parents});
+    const VdiOptions vdi_options{.read_only = options.read_only, .parents = options.parents};
+    co_return co_await open_vdi(std::move(child), vdi_options);
   }
   if (probed) {
     backends::fail(std::errc::operation_not_supported,

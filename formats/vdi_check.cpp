@@ -1,12 +1,6 @@
 // VDI check: the codecs open_vdi uses (vdi_layout), run over every entry.
 #include "formats/vdi_check.hpp"
 
-// GCC 12 flags Asio's coroutine frame allocator (operator new falling back to ::operator
-// new for large frames, its own operator delete) as mismatched: a false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-
 #include <algorithm>
 #include <array>
 #include <vector>

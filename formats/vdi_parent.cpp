@@ -53,11 +53,6 @@ std::string chain_text(const std::vector<std::string>& names, const std::string&
   return out + name;
 }
 
-// GCC 12 sees the coroutine frame's operator delete paired with the ::operator new inside
-// asio's recycling allocator once enough is inlined into this frame, and warns wrongly
-// (-Wmismatched-new-delete, a false positive of GCC's inlined-allocator analysis).
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 boost::asio::awaitable<FoundParent> find_parent(backends::BlockDevice& child, const Header& header,
                                                 const ParentChain& chain) {
   const std::string self = child.describe();
@@ -156,7 +151,5 @@ boost::asio::awaitable<FoundParent> find_parent(backends::BlockDevice& child, co
   }
   co_return std::move(*best);
 }
-
-#pragma GCC diagnostic pop
 
 }  // namespace imagenbd::formats::vdi

@@ -8,12 +8,6 @@
 // at worst with blocks qemu-img check calls leaked.
 #include "formats/vdi_resize.hpp"
 
-// GCC 12 flags Asio's coroutine frame allocator (operator new falling back to ::operator
-// new for large frames, its own operator delete) as mismatched: a false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-
 #include <algorithm>
 #include <array>
 #include <limits>

@@ -3,12 +3,6 @@
 // dangerous is an error, space that is merely wasted is a leak (a warning).
 #include "formats/vhd_check.hpp"
 
-// GCC 12 flags Asio's coroutine frame allocator (operator new falling back to ::operator
-// new for large frames, its own operator delete) as mismatched: a false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-
 #include <algorithm>
 #include <array>
 #include <cstring>

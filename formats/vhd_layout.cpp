@@ -462,6 +462,11 @@ uint64_t geometry_bytes(Geometry g) {
   return uint64_t{g.cylinders} * g.heads * g.sectors_per_track * sector_size;
 }
 
+Geometry geometry_to_record(uint64_t size) {
+  const Geometry g = geometry_for(size / sector_size);
+  return geometry_bytes(g) == size ? g : max_geometry;
+}
+
 std::string_view size_policy_name(SizePolicy policy) {
   switch (policy) {
     case SizePolicy::automatic:

@@ -249,6 +249,10 @@ Result<std::array<std::byte, 512>> encode_parent_name(std::string_view name);
 Geometry geometry_for(uint64_t total_sectors);
 // C * H * S * 512.
 uint64_t geometry_bytes(Geometry geometry);
+// The geometry to record for a disk of exactly `size` bytes, as imagenbd writes it (create,
+// convert, resize; §1.10): geometry_for(size / 512) when its C*H*S*512 equals size, else
+// 65535/16/255, which every reader takes to mean "see current_size".
+Geometry geometry_to_record(uint64_t size);
 
 // How the virtual size is chosen (§1.10).
 enum class SizePolicy {

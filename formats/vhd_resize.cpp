@@ -6,12 +6,6 @@
 // size (at worst with leaked space), until the footers carry the new size.
 #include "formats/vhd_resize.hpp"
 
-// GCC 12 flags Asio's coroutine frame allocator (operator new falling back to ::operator
-// new for large frames, its own operator delete) as mismatched: a false positive.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-#endif
-
 #include <algorithm>
 #include <array>
 #include <vector>
@@ -71,7 +65,7 @@ asio::awaitable<void> resize_fixed(backends::BlockDevice& file, const std::strin
   vhd::Footer f = old_footer;
   f.current_size = new_size;
   f.original_size = new_size;  // libvhdi reports original_size as the media size
-  f.geometry = vhd_size_geometry(new_size);
+  f.geometry = vhd::geometry_to_record(new_size);
   const auto footer = vhd::encode_footer(f);
   if (new_size > old_size) {
     // The file grows first: between the resize and the footer write the file ends in zeroes
@@ -230,7 +224,7 @@ asio::awaitable<void> resize_dynamic(backends::BlockDevice& file, const std::str
   vhd::Footer f = old_footer;
   f.current_size = new_size;
   f.original_size = new_size;  // libvhdi reports original_size as the media size
-  f.geometry = vhd_size_geometry(new_size);
+  f.geometry = vhd::geometry_to_record(new_size);
   const auto footer = vhd::encode_footer(f);
   file_size = file.size();
   co_await write_footer(file, file_size - footer_size, footer);
@@ -240,11 +234,6 @@ asio::awaitable<void> resize_dynamic(backends::BlockDevice& file, const std::str
 }
 
 }  // namespace
-
-vhd::Geometry vhd_size_geometry(uint64_t size) {
-  const vhd::Geometry g = vhd::geometry_for(size / sector_size);
-  return vhd::geometry_bytes(g) == size ? g : vhd::max_geometry;
-}
 
 asio::awaitable<ResizeResult> resize_vhd(backends::BlockDevice& file,
                                          const ResizeOptions& options) {

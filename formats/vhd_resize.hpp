@@ -13,11 +13,6 @@ namespace imagenbd::formats {
 
 namespace asio = boost::asio;
 
-// The geometry a VHD of `size` bytes gets (formats.md §1.10), the rule `imagenbd create`
-// follows: geometry_for(size / 512) when its C*H*S*512 equals size, else 65535/16/255, so
-// that every reader sees current_size.
-vhd::Geometry vhd_size_geometry(uint64_t size);
-
 // Resizes the closed VHD in `file` (which must be writable and support resize()) to
 // options.new_size bytes. The image must be sound (the caller opens it first); checks what
 // it relies on again. Crash-safe order for dynamic disks: each block in the BAT's way is

@@ -127,7 +127,7 @@ void plan_vhd(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
   footer.timestamp = ids.vhd_timestamp;
   footer.creator_app = vhd_creator_app;
   footer.original_size = footer.current_size = r.size;
-  footer.geometry = vhd_create_geometry(r.size);
+  footer.geometry = vhd::geometry_to_record(r.size);
   footer.unique_id = ids.uuid;
   plan.subformat = sub;
   if (sub == "fixed") {
@@ -332,11 +332,6 @@ boost::asio::awaitable<ParentImage> read_parent_async(std::string path) {
 
 ParentImage read_parent(const std::string& path) {
   return run_now(read_parent_async(path));
-}
-
-vhd::Geometry vhd_create_geometry(uint64_t size) {
-  const vhd::Geometry g = vhd::geometry_for(size / vhd::sector_size);
-  return vhd::geometry_bytes(g) == size ? g : vhd::max_geometry;
 }
 
 CreatePlan plan_image(const CreateRequest& request, const CreateIds& ids) {

@@ -60,10 +60,6 @@ struct CreateIds {
 // The creator app written into VHD footers (4 bytes, documented in the help text).
 inline constexpr std::array<char, 4> vhd_creator_app{'i', 'n', 'b', 'd'};
 
-// The geometry a new VHD of `size` bytes gets (formats.md §1.10): geometry_for(size/512)
-// when its C*H*S*512 equals size, else 65535/16/255 ("see current_size").
-formats::vhd::Geometry vhd_create_geometry(uint64_t size);
-
 // Opens `path` as serve would (read-only, its own parents resolved) and reads what a
 // differencing child records of it. @throws backends::Error, std::invalid_argument.
 ParentImage read_parent(const std::string& path);

@@ -19,10 +19,6 @@
 #include "server/local_parents.hpp"
 #include "server/tool_common.hpp"
 
-// GCC 12 pairs Asio's coroutine frame operator delete with the ::operator new it falls
-// back to for large frames and reports a mismatch: a false positive.
-#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
-
 namespace imagenbd::server {
 
 namespace {

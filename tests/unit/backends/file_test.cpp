@@ -312,7 +312,7 @@ TEST_CASE("file: a read-only device refuses writes, trims and zeroes with EPERM"
   run(d->flush());
 }
 
-TEST_CASE("file: resize grows the file with zeroes and shrinks it; read-only refuses") {
+TEST_CASE("file: resize grows the file with zeroes and shrinks it, read-only refuses") {
   TempFile f(64 * KiB);
   f.put(0, pattern(64 * KiB));
   auto d = open_file(f.path, {});

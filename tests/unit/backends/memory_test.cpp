@@ -123,7 +123,7 @@ TEST_CASE("memory: a page zeroed piece by piece is freed once it is all zero") {
   CHECK(run(big->extents(0, big->size())) == std::vector<Extent>{{big->size(), ExtentKind::hole}});
 }
 
-TEST_CASE("memory: resize grows with zeroes; shrinking forgets the tail") {
+TEST_CASE("memory: resize grows with zeroes, shrinking forgets the tail") {
   auto d = open_memory(page);
   run(d->write(0, pattern(page, 5), {}));
   run(d->resize(3 * page + 10));

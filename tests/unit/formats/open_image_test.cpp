@@ -118,7 +118,7 @@ TEST_CASE("open_image: a VHD is probed and opened by the VHD layer, which checks
   // (Well-formed VHDs: tests/unit/formats/vhd_test.cpp.)
 }
 
-TEST_CASE("open_image: a VDI is probed and opened; a broken one is refused by the VDI layer") {
+TEST_CASE("open_image: a VDI is probed and opened, a broken one is refused by the VDI layer") {
   // A dynamic 4 MiB image: header, a block map of 4 free entries, no data.
   auto child = open_memory(1024, "disk.vdi");
   std::vector<std::byte> image(1024);

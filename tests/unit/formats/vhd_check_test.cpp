@@ -104,7 +104,7 @@ TEST_CASE("check_vhd: every bad BAT entry is reported, each naming its entry") {
   CHECK(r.complete);
 }
 
-TEST_CASE("check_vhd: a damaged end footer is an error; the copy at 0 carries the check on") {
+TEST_CASE("check_vhd: a damaged end footer is an error, the copy at 0 carries the check on") {
   auto file = dynamic_vhd(10 * MiB);
   write_through(file, 0, 4096, 1);
   std::array<std::byte, 1> x{std::byte{'X'}};

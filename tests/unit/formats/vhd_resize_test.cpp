@@ -95,7 +95,7 @@ DevicePtr copy_of(BlockDevice& from) {
 
 }  // namespace
 
-TEST_CASE("resize_vhd: a dynamic disk grows 200x; the block after the BAT moves") {
+TEST_CASE("resize_vhd: a dynamic disk grows 200x, the block after the BAT moves") {
   // 10 MiB: 5 BAT entries, one BAT sector; block 0 follows it (its data 4 KiB aligned, at
   // 0x1000). 2000 MiB needs 1000 entries: 8 sectors, to 0x1600.
   auto file = dynamic_vhd(10 * MiB);
@@ -174,7 +174,7 @@ TEST_CASE("resize_vhd: shrinking") {
   CHECK(run(check_vhd(file, {})).errors.empty());
 }
 
-TEST_CASE("resize_vhd: fixed disks move their footer; the old one becomes zeroes") {
+TEST_CASE("resize_vhd: fixed disks move their footer, the old one becomes zeroes") {
   auto file = fixed_vhd(MiB);
   const Bytes data = pattern(MiB, 4);
   run(file->write(0, data, {}));
@@ -212,7 +212,7 @@ TEST_CASE("resize_vhd: a failure at any step leaves a sound image of the old or 
   CHECK(completed_at > 10);  // every step before it was tried
 }
 
-TEST_CASE("resize_vhd: small blocks, several in the BAT's way; no leak is left behind") {
+TEST_CASE("resize_vhd: small blocks, several in the BAT's way, no leak is left behind") {
   auto file = dynamic_vhd(MiB, 64 * 1024);  // 16 entries; block data on 4 KiB boundaries
   for (uint64_t i = 0; i < 16; ++i) write_at(file, i * 64 * 1024, pattern(4096, uint8_t(i)));
   const auto result = run(resize_vhd(*file, {.new_size = 2048 * MiB}));  // a 128 KiB BAT

@@ -63,7 +63,7 @@ TEST_CASE("qemu-nbd flags") {
   CHECK(longs.exports[0].read_only);
 }
 
-TEST_CASE("-k alone serves a Unix socket only; with -p both") {
+TEST_CASE("-k alone serves a Unix socket only, with -p both") {
   auto unix_only = parse({"-k", "/tmp/s.sock", "d.img"});
   CHECK_FALSE(unix_only.server.listen.tcp);
   CHECK(unix_only.server.listen.unix_paths == std::vector<std::string>{"/tmp/s.sock"});
@@ -71,7 +71,7 @@ TEST_CASE("-k alone serves a Unix socket only; with -p both") {
   CHECK(both.server.listen.tcp);
 }
 
-TEST_CASE("several NAME=IMAGE exports; '=' inside a path is part of the path") {
+TEST_CASE("several NAME=IMAGE exports, '=' inside a path is part of the path") {
   auto cmd = parse({"a=one.img", "b=memory:64M", "c=/x/y=z.img"});
   REQUIRE(cmd.exports.size() == 3);
   CHECK(cmd.exports[0].name == "a");

@@ -69,15 +69,15 @@ TEST_CASE("human_size prints like qemu-img") {
   CHECK(human_size(uint64_t{1} << 40) == "1 TiB");
 }
 
-TEST_CASE("vhd_create_geometry: own geometry when CHS-exact, else the maximum") {
-  CHECK(vhd_create_geometry(20959232) == vhd::Geometry{602, 4, 17});
-  CHECK(vhd_create_geometry(20 * mib) == vhd::max_geometry);
-  CHECK(vhd_create_geometry(10514432) == vhd::Geometry{302, 4, 17});
-  CHECK(vhd_create_geometry(5 * mib + 1536) == vhd::max_geometry);
-  CHECK(vhd_create_geometry(2040 * 1024 * mib) == vhd::max_geometry);
+TEST_CASE("vhd::geometry_to_record: own geometry when CHS-exact, else the maximum") {
+  CHECK(vhd::geometry_to_record(20959232) == vhd::Geometry{602, 4, 17});
+  CHECK(vhd::geometry_to_record(20 * mib) == vhd::max_geometry);
+  CHECK(vhd::geometry_to_record(10514432) == vhd::Geometry{302, 4, 17});
+  CHECK(vhd::geometry_to_record(5 * mib + 1536) == vhd::max_geometry);
+  CHECK(vhd::geometry_to_record(2040 * 1024 * mib) == vhd::max_geometry);
   for (uint64_t size :
        {uint64_t{512}, 1 * mib, uint64_t{20959232}, uint64_t{1073995776}, 333 * mib}) {
-    const auto g = vhd_create_geometry(size);
+    const auto g = vhd::geometry_to_record(size);
     CHECK((g == vhd::max_geometry || vhd::geometry_bytes(g) == size));
   }
 }

@@ -130,7 +130,7 @@ TEST_CASE("DISC is always accepted") {
   CHECK(validate_request(req(Cmd::disc, 12345, 99, 0xffff), limits()) == Errno::ok);
 }
 
-TEST_CASE("every refusal says why; acceptance says nothing") {
+TEST_CASE("every refusal says why, acceptance says nothing") {
   CHECK(validate_request(req(Cmd::read, 0, 512), limits()).reason.empty());
   const Request refused[] = {req(Cmd::read, 1 << 20, 1), req(Cmd::write, 0, 0),
                              req(Cmd::read, 0, 512, cf::req_one),
