@@ -100,12 +100,23 @@ class BlockDevice {
   // old size waits until it has returned. Layers that cannot resize keep this default,
   // which throws ENOTSUP.
   virtual asio::awaitable<void> resize(uint64_t new_size);
+  // Grows to new_size with `tail` as the last tail.size() bytes, the bytes between the old
+  // end and the tail reading as zeroes. Leaves that can do it in one step (a file: one
+  // write past the end) do, so a crash of the process leaves the old size or the new size
+  // with its tail, never a longer file without it: a VHD keeps its footer last this way.
+  // The default resizes, then writes. Same concurrency rules as resize().
+  virtual asio::awaitable<void> grow(uint64_t new_size, std::span<const std::byte> tail);
 };
 
 inline asio::awaitable<void> BlockDevice::resize(uint64_t new_size) {
   fail(std::errc::operation_not_supported, "{}: {}: cannot change the size (to {} bytes)", name(),
        describe(), new_size);
   co_return;
+}
+
+inline asio::awaitable<void> BlockDevice::grow(uint64_t new_size, std::span<const std::byte> tail) {
+  co_await resize(new_size);
+  co_await write(new_size - tail.size(), tail, {});
 }
 
 using DevicePtr = std::shared_ptr<BlockDevice>;

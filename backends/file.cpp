@@ -148,15 +148,7 @@ class File final : public BlockDevice {
   }
 
   asio::awaitable<void> resize(uint64_t new_size) override {
-    check_writable("resize");
-    if (block_device_) {
-      fail(std::errc::no_space_on_device,
-           "file: {}: a block device cannot change its size ({} to {} bytes)", path_, size(),
-           new_size);
-    }
-    if (new_size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
-      fail(std::errc::file_too_large, "file: {}: cannot resize to {} bytes", path_, new_size);
-    }
+    check_resizable(new_size);
     co_await offload([this, new_size] {
       while (::ftruncate(fd_, static_cast<off_t>(new_size)) < 0) {
         if (errno != EINTR) fail_sys(errno, fmt::format("ftruncate to {} bytes", new_size));
@@ -167,10 +159,33 @@ class File final : public BlockDevice {
     });
   }
 
+  // One pwrite past the end extends the file and writes the tail together.
+  asio::awaitable<void> grow(uint64_t new_size, std::span<const std::byte> tail) override {
+    check_resizable(new_size);
+    assert(new_size >= size() && tail.size() <= new_size);
+    co_await offload([this, new_size, tail] {
+      write_rest(new_size - tail.size(), tail, 0, 0);
+      may_have_holes_.store(true, relaxed);
+      size_.store(new_size, relaxed);
+    });
+  }
+
  private:
   [[noreturn]] void fail_sys(int e, std::string_view what) const {
     throw Error(static_cast<std::errc>(e),
                 fmt::format("file: {}: {}: {}", path_, what, errno_text(e)));
+  }
+
+  void check_resizable(uint64_t new_size) const {
+    check_writable("resize");
+    if (block_device_) {
+      fail(std::errc::no_space_on_device,
+           "file: {}: a block device cannot change its size ({} to {} bytes)", path_, size(),
+           new_size);
+    }
+    if (new_size > static_cast<uint64_t>(std::numeric_limits<off_t>::max())) {
+      fail(std::errc::file_too_large, "file: {}: cannot resize to {} bytes", path_, new_size);
+    }
   }
 
   void check_writable(std::string_view what) const {

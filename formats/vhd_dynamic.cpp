@@ -9,15 +9,13 @@
 // the lock, because another request may have done the work meanwhile (qemu vdi's
 // allocation race). The mutex is held across the child I/O of those paths; they are rare.
 //
-// Allocation (crash-safe order of §1.7): grow the file, write the footer at the new end
-// (the old footer, at or just before where the new block starts, is still intact, so the
-// file always ends in a valid footer once the write lands), write the bitmap and the data
-// (over the old footer, unless padding puts the block after it), flush, and only then
-// write the BAT entry. A crash before the BAT write leaks the block; after it, the block
-// is complete. The one window: between growing the file and the footer write, the file
-// ends in zeroes, and a crash there leaves an image that opens read-only from the footer
-// copy at 0 (needs repair; no data lost). Closing it needs a leaf call that grows the
-// file and writes its tail at once.
+// Allocation (crash-safe order of §1.7): grow the file with the footer at its new end in
+// one step (BlockDevice::grow: one write past the end of a file), so the file ends in a
+// valid footer whenever the process dies; write the bitmap and the data (over the old
+// footer, unless padding puts the block after it), flush, and only then write the BAT
+// entry. A crash before the BAT write leaks the block; after it, the block is complete.
+// A power cut may still leave a grown file without its tail (the file system orders
+// nothing before the flush); such an image opens read-only from the footer copy at 0.
 //
 // Freed blocks (trim or zero of a whole block) are never reused: a request that read the
 // BAT before the free may still be writing there. Their space is punched out of the file.
@@ -354,8 +352,7 @@ class DynamicVhd final : public backends::BlockDevice {
       data = payload;
     }
     const uint64_t new_size = start + layout_.block_span() + footer_size;
-    co_await child_->resize(new_size);
-    // A fresh block is zeroes (resize() says so), so marking every sector present is
+    // A fresh block is zeroes (grow() says so), so marking every sector present is
     // right for a dynamic disk and saves a bitmap update on every later first write; a
     // differencing disk marks the sectors written.
     std::vector<std::byte> bitmap(layout_.bitmap_bytes);
@@ -364,7 +361,9 @@ class DynamicVhd final : public backends::BlockDevice {
     for (uint32_t k = first; k < last; ++k) bitmap[k / 8] |= bitmap_mask(k);
     std::exception_ptr error;
     try {
-      co_await child_->write(new_size - footer_size, footer_, {});
+      // The file grows with the footer at its new end in one step; the old footer, at or
+      // just before where the new block starts, is overwritten only afterwards.
+      co_await child_->grow(new_size, footer_);
       if (from == 0) {
         std::vector<std::byte> head(bitmap);
         head.insert(head.end(), data.begin(), data.end());

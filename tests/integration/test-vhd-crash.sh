@@ -3,14 +3,11 @@
 # test-vdi-crash.sh). Rounds alternate between an image made by `imagenbd create` and one
 # made by qemu-img, and between qemu-io's writethrough cache (every write is FUA) and
 # writeback with a flush after every fourth write. After each kill:
-#   - a fresh imagenbd opens the image read-write, normally from its end footer. The one
-#     accepted exception is the window vhd_dynamic.cpp's header comment names: killed
-#     between growing the file and writing the new footer, the file ends in zeroes and is
-#     served read-only from the footer copy at 0 (no data lost). Anything else at the end
-#     of the file fails the test;
+#   - a fresh imagenbd opens the image read-write from its end footer: the file grows
+#     with its new footer in one write (BlockDevice::grow), so no kill leaves a file that
+#     ends without one (falling back to the footer copy at 0 fails the test);
 #   - `imagenbd check` finds no errors (leaked blocks, which a kill between the data and
-#     the BAT entry leaves, are allowed: exit status 3); in the known window, exactly one:
-#     the end footer;
+#     the BAT entry leaves, are allowed: exit status 3);
 #   - every write that is durable by contract is there, read through imagenbd and through
 #     qemu: with FUA every acknowledged write, with writeback every write acknowledged
 #     before the last flush that completed. Acknowledged writes after that flush are
@@ -41,8 +38,7 @@ server=
 kill_server () { [ -n "$server" ] && kill -KILL "$server" 2>/dev/null; :; }
 cleanup_fn kill_server
 
-if "$IMAGENBD" check --help >/dev/null 2>&1; then have_check=1; else have_check=; fi
-window_rounds=0 leak_rounds=0 unflushed_total=0 unflushed_missing=0
+leak_rounds=0 unflushed_total=0 unflushed_missing=0
 
 for round in $(seq "$rounds"); do
     rm -f "$img" "$sock" "$tmpdir/crash.pid"
@@ -92,25 +88,14 @@ for round in $(seq "$rounds"); do
     echo "round $round ($cache): ${#required[@]} writes required, ${#later[@]} unflushed," \
          "file $size bytes"
 
-    # A fresh server opens it: from the end footer, or read-only from the copy at 0 in the
-    # known window only (the file then ends in zeroes).
+    # A fresh server opens it read-write, from the end footer.
     start_imagenbd "$img"
-    served_from_copy=
     nbdinfo "$uri" >"$tmpdir/info.out" 2>&1 || { cat "$tmpdir/info.out"; fail "nbdinfo"; }
     if grep -q 'using its copy at offset 0' "$imagenbd_log"; then
-        cmp -n 512 <(tail -c 512 "$img") /dev/zero ||
-            fail "round $round: the end footer is damaged and the file does not end in" \
-                 "zeroes: not the known window of vhd_dynamic.cpp"
-        grep -q 'is_read_only: true' "$tmpdir/info.out" ||
-            fail "round $round: served from the footer copy but writable"
-        served_from_copy=1
-        window_rounds=$(( window_rounds + 1 ))
-        echo "round $round: killed inside the known window (file grown, new footer not yet" \
-             "written): served read-only from the footer copy at 0"
-    else
-        grep -q 'is_read_only: false' "$tmpdir/info.out" ||
-            fail "round $round: a sound image was served read-only"
+        fail "round $round: the file does not end in its footer after SIGKILL"
     fi
+    grep -q 'is_read_only: false' "$tmpdir/info.out" ||
+        fail "round $round: a sound image was served read-only"
 
     checks=()
     for offset in "${required[@]}"; do
@@ -133,7 +118,7 @@ for round in $(seq "$rounds"); do
     done
     stop_imagenbd
 
-    # qemu reads the same (it also falls back to the copy at 0).
+    # qemu reads the same.
     if [ ${#checks[@]} -gt 0 ]; then
         qemu-io -f vpc -r "${checks[@]}" "$img" >"$tmpdir/check.out" 2>&1 ||
             { cat "$tmpdir/check.out"; fail "round $round: durable writes missing (qemu)"; }
@@ -142,29 +127,15 @@ for round in $(seq "$rounds"); do
         fi
     fi
 
-    if [ -n "$have_check" ]; then
-        status=0
-        "$IMAGENBD" check "$img" >"$tmpdir/check-tool.out" 2>&1 || status=$?
-        cat "$tmpdir/check-tool.out"
-        if [ "$served_from_copy" ]; then
-            # The known window: the end footer is the one error, and check says why.
-            [ "$status" = 2 ] && [ "$(grep -c '^ERROR' "$tmpdir/check-tool.out")" = 1 ] &&
-                grep -q 'interrupted block allocation' "$tmpdir/check-tool.out" ||
-                fail "round $round: imagenbd check (status $status) reports more than the" \
-                     "damaged end footer of the known window"
-        else
-            case $status in
-                0) ;;
-                3) leak_rounds=$(( leak_rounds + 1 )) ;;
-                *) fail "round $round: imagenbd check exits with $status after SIGKILL" ;;
-            esac
-        fi
-    else
-        # TODO(integrator): `imagenbd check` was not built when this test was written;
-        # once it is, this branch is dead and can go.
-        echo "round $round: imagenbd check not available: structure not checked"
-    fi
+    status=0
+    "$IMAGENBD" check "$img" >"$tmpdir/check-tool.out" 2>&1 || status=$?
+    cat "$tmpdir/check-tool.out"
+    case $status in
+        0) ;;
+        3) leak_rounds=$(( leak_rounds + 1 )) ;;
+        *) fail "round $round: imagenbd check exits with $status after SIGKILL" ;;
+    esac
 done
 
-echo "$rounds rounds: $window_rounds in the known footer window, $leak_rounds with leaked" \
+echo "$rounds rounds: $leak_rounds with leaked" \
      "blocks; $unflushed_missing of $unflushed_total acknowledged but unflushed writes lost"

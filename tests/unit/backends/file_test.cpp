@@ -25,9 +25,9 @@
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
-using imagenbd::test::run;
-using imagenbd::test::read;
 using imagenbd::test::error_of;
+using imagenbd::test::read;
+using imagenbd::test::run;
 namespace asio = boost::asio;
 
 namespace {
@@ -330,6 +330,22 @@ TEST_CASE("file: resize grows the file with zeroes and shrinks it, read-only ref
   auto again = open_file(f.path, {.read_only = true});
   CHECK(again->size() == 32 * KiB);
   CHECK(error_of([&] { run(again->resize(64 * KiB)); }).errc() ==
+        std::errc::operation_not_permitted);
+}
+
+TEST_CASE("file: grow extends the file and writes its tail in one step") {
+  TempFile f(64 * KiB);
+  f.put(0, pattern(64 * KiB));
+  auto d = open_file(f.path, {});
+  const auto tail = pattern(512, 7);
+  run(d->grow(200 * KiB, tail));
+  CHECK(d->size() == 200 * KiB);
+  CHECK(f.get(200 * KiB - 512, 512) == tail);
+  CHECK(read(*d, 0, 64 * KiB) == pattern(64 * KiB));
+  CHECK(all_zero(read(*d, 64 * KiB, 136 * KiB - 512)));
+  auto again = open_file(f.path, {.read_only = true});
+  CHECK(again->size() == 200 * KiB);
+  CHECK(error_of([&] { run(again->grow(300 * KiB, tail)); }).errc() ==
         std::errc::operation_not_permitted);
 }
 
