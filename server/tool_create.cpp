@@ -144,6 +144,13 @@ void plan_vhd(const CreateRequest& r, const CreateIds& ids, CreatePlan& plan) {
                               : r.parent && r.parent->block_size ? r.parent->block_size
                                                                  : vhd::default_block_size;
   check_block_size(block_size, vhd::max_block_size, "vhd");
+  if (block_size < 4096) {
+    // qemu 7.2 sizes the sector bitmap as block_size / 4096 rounded up to a sector: none.
+    plan.warnings.push_back(fmt::format(
+        "block size {} is below 4096: libvhdi and imagenbd read it, qemu misplaces the data "
+        "of such blocks",
+        block_size));
+  }
   plan.block_size = block_size;
   const uint64_t entries = (r.size + block_size - 1) / block_size;
   // qemu's layout: footer copy, dynamic header, BAT, footer.
