@@ -1,12 +1,9 @@
 // `imagenbd check`: see tool_check.hpp.
 #include "server/tool_check.hpp"
 
-#include <getopt.h>
 
 #include <array>
 #include <cstdio>
-#include <cstring>
-#include <stdexcept>
 #include <vector>
 
 #include <fmt/format.h>
@@ -144,61 +141,18 @@ Exit status (qemu-img check's):
 }
 
 int tool_check(int argc, char** argv) {
-  enum : int { opt_json = 1000, opt_output };
-  static const option long_options[] = {
-      {"format", required_argument, nullptr, 'f'},
-      {"json", no_argument, nullptr, opt_json},
-      {"output", required_argument, nullptr, opt_output},
-      {"help", no_argument, nullptr, 'h'},
-      {nullptr, 0, nullptr, 0},
-  };
-  formats::Format format = formats::Format::automatic;
-  bool json = false;
-  auto usage = [](const std::string& message) {
-    std::fprintf(stderr, "imagenbd check: %s\nTry 'imagenbd check --help' for more information.\n",
-                 message.c_str());
-    return check_failed;  // qemu-img check: 1 for anything that stops the check
-  };
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, "f:h", long_options, nullptr)) != -1) {
-    switch (c) {
-      case 'f':
-        try {
-          format = formats::parse_format(optarg);
-        } catch (const std::invalid_argument& e) {
-          return usage(e.what());
-        }
-        break;
-      case opt_json:
-        json = true;
-        break;
-      case opt_output:
-        if (std::strcmp(optarg, "json") == 0) {
-          json = true;
-        } else if (std::strcmp(optarg, "human") == 0) {
-          json = false;
-        } else {
-          return usage(fmt::format("invalid --output '{}' (human or json)", optarg));
-        }
-        break;
-      case 'h':
-        std::fputs(check_help(), stdout);
-        return 0;
-      default:
-        return usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
-    }
+  ImageCommand command;
+  // qemu-img check: 1 for anything that stops the check, usage errors included.
+  if (auto status = parse_image_command(argc, argv, "check", check_help(), check_failed, command)) {
+    return *status;
   }
-  if (optind + 1 != argc) {
-    return usage(optind == argc ? "no image given" : "exactly one image expected");
-  }
-  const std::string path = argv[optind];
+  const std::string& path = command.path;
+  const bool json = command.json;
   // open_vhd/open_vdi (the last step of a check) log what they tolerate; the report says it.
   log::configure({.level = log::Level::error});
   formats::CheckReport report;
   try {
-    report = run_check(path, format);
+    report = run_check(path, command.format);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "imagenbd: %s\n", e.what());
     return check_failed;

@@ -1,6 +1,11 @@
 #include "server/tool_common.hpp"
 
+#include <getopt.h>
+
 #include <array>
+#include <cstdio>
+#include <cstring>
+#include <stdexcept>
 
 #include <fmt/format.h>
 
@@ -49,6 +54,61 @@ std::string human_size(uint64_t bytes) {
   std::string text = fmt::format("{:.3g}", value);
   if (text.find('e') != std::string::npos) text = fmt::format("{:.0f}", value);
   return fmt::format("{} {}", text, units[unit]);
+}
+
+int usage_error(const char* tool, const std::string& message, int status) {
+  std::fprintf(stderr, "imagenbd %s: %s\nTry 'imagenbd %s --help' for more information.\n", tool,
+               message.c_str(), tool);
+  return status;
+}
+
+std::optional<int> parse_image_command(int argc, char** argv, const char* tool, const char* help,
+                                       int usage_status, ImageCommand& command) {
+  enum : int { opt_json = 1000, opt_output };
+  static const option long_options[] = {
+      {"format", required_argument, nullptr, 'f'},
+      {"json", no_argument, nullptr, opt_json},
+      {"output", required_argument, nullptr, opt_output},
+      {"help", no_argument, nullptr, 'h'},
+      {nullptr, 0, nullptr, 0},
+  };
+  auto usage = [&](const std::string& message) { return usage_error(tool, message, usage_status); };
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, "f:h", long_options, nullptr)) != -1) {
+    switch (c) {
+      case 'f':
+        try {
+          command.format = formats::parse_format(optarg);
+        } catch (const std::invalid_argument& e) {
+          return usage(e.what());
+        }
+        break;
+      case opt_json:
+        command.json = true;
+        break;
+      case opt_output:
+        if (std::strcmp(optarg, "json") == 0) {
+          command.json = true;
+        } else if (std::strcmp(optarg, "human") == 0) {
+          command.json = false;
+        } else {
+          return usage(fmt::format("invalid --output '{}' (human or json)", optarg));
+        }
+        break;
+      case 'h':
+        std::fputs(help, stdout);
+        return 0;
+      default:
+        return usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
+    }
+  }
+  if (optind + 1 != argc) {
+    return usage(optind == argc ? "no image given" : "exactly one image expected");
+  }
+  command.path = argv[optind];
+  return std::nullopt;
 }
 
 }  // namespace imagenbd::server

@@ -603,10 +603,7 @@ int tool_convert(int argc, char** argv) {
   try {
     cmd = parse_convert(argc, argv);
   } catch (const std::invalid_argument& e) {
-    std::fprintf(stderr,
-                 "imagenbd convert: %s\nTry 'imagenbd convert --help' for more information.\n",
-                 e.what());
-    return 2;
+    return usage_error("convert", e.what(), 2);
   }
   if (cmd.help) {
     std::fputs(convert_help(), stdout);

@@ -409,12 +409,7 @@ int tool_create(int argc, char** argv) {
       {"help", no_argument, nullptr, 'h'},
       {nullptr, 0, nullptr, 0},
   };
-  auto usage = [](const std::string& message) {
-    std::fprintf(stderr,
-                 "imagenbd create: %s\nTry 'imagenbd create --help' for more information.\n",
-                 message.c_str());
-    return 2;
-  };
+  auto usage = [](const std::string& message) { return usage_error("create", message, 2); };
   CreateRequest request;
   bool have_format = false, force = false, json = false;
   std::string parent_path;

@@ -2,14 +2,11 @@
 // disagree about an image); the details come from vhd_layout / vdi_layout.
 #include "server/tool_info.hpp"
 
-#include <getopt.h>
 #include <sys/stat.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdio>
-#include <cstring>
-#include <stdexcept>
 
 #include <fmt/format.h>
 
@@ -473,58 +470,13 @@ the one 'serve' gives), 2 on usage errors.
 }
 
 int tool_info(int argc, char** argv) {
-  enum : int { opt_json = 1000, opt_output };
-  static const option long_options[] = {
-      {"format", required_argument, nullptr, 'f'},
-      {"json", no_argument, nullptr, opt_json},
-      {"output", required_argument, nullptr, opt_output},
-      {"help", no_argument, nullptr, 'h'},
-      {nullptr, 0, nullptr, 0},
-  };
-  formats::Format format = formats::Format::automatic;
-  bool json = false;
-  auto usage = [](const std::string& message) {
-    std::fprintf(stderr, "imagenbd info: %s\nTry 'imagenbd info --help' for more information.\n",
-                 message.c_str());
-    return 2;
-  };
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, "f:h", long_options, nullptr)) != -1) {
-    switch (c) {
-      case 'f':
-        try {
-          format = formats::parse_format(optarg);
-        } catch (const std::invalid_argument& e) {
-          return usage(e.what());
-        }
-        break;
-      case opt_json:
-        json = true;
-        break;
-      case opt_output:
-        if (std::strcmp(optarg, "json") == 0) {
-          json = true;
-        } else if (std::strcmp(optarg, "human") == 0) {
-          json = false;
-        } else {
-          return usage(fmt::format("invalid --output '{}' (human or json)", optarg));
-        }
-        break;
-      case 'h':
-        std::fputs(info_help(), stdout);
-        return 0;
-      default:
-        return usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
-    }
-  }
-  if (optind + 1 != argc) {
-    return usage(optind == argc ? "no image given" : "exactly one image expected");
+  ImageCommand command;
+  if (auto status = parse_image_command(argc, argv, "info", info_help(), 2, command)) {
+    return *status;
   }
   try {
-    const ImageInfo info = gather_info(argv[optind], format);
-    std::fputs((json ? info_json(info) : info_text(info)).c_str(), stdout);
+    const ImageInfo info = gather_info(command.path, command.format);
+    std::fputs((command.json ? info_json(info) : info_text(info)).c_str(), stdout);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "imagenbd: %s\n", e.what());
     return 1;

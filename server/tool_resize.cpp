@@ -170,12 +170,7 @@ int tool_resize(int argc, char** argv) {
       {"help", no_argument, nullptr, 'h'},
       {nullptr, 0, nullptr, 0},
   };
-  auto usage = [](const std::string& message) {
-    std::fprintf(stderr,
-                 "imagenbd resize: %s\nTry 'imagenbd resize --help' for more information.\n",
-                 message.c_str());
-    return 2;
-  };
+  auto usage = [](const std::string& message) { return usage_error("resize", message, 2); };
   Request r;
   bool json = false;
   // The size comes last and may start with '-': take it before getopt sees it (qemu-img
