@@ -230,6 +230,8 @@ Result<LocatorPath> decode_locator_path(uint32_t platform_code, std::span<const 
 // valid UTF-8 (else a Problem).
 Result<std::vector<std::byte>> encode_locator_path(uint32_t platform_code, std::string_view path);
 
+// Appends code point `c` (at most U+10FFFF, not a surrogate) to `out` as UTF-8.
+void append_utf8(std::string& out, uint32_t c);
 // UTF-16 (little- or big-endian) to UTF-8, strictly: odd byte counts, lone surrogates and
 // NUL units are Problems naming `what`.
 Result<std::string> utf16_to_utf8(std::span<const std::byte> bytes, bool big_endian,
