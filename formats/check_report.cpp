@@ -5,6 +5,8 @@
 #include <sstream>
 #include <string_view>
 
+#include "backends/error.hpp"
+
 namespace imagenbd::formats {
 
 std::string problem_field(const std::string& message) {
@@ -27,6 +29,31 @@ std::string problem_field(const std::string& message) {
     field += word;
   }
   return field;
+}
+
+boost::asio::awaitable<void> check_open(boost::asio::awaitable<backends::DevicePtr> open,
+                                        bool differencing, CheckReport& report) {
+  const std::size_t errors_before = report.errors.size();
+  std::string failure;
+  std::errc code{};
+  try {
+    co_await std::move(open);
+  } catch (const backends::Error& e) {
+    failure = e.what();
+    code = e.errc();
+  }
+  if (failure.empty()) co_return;
+  if (code == std::errc::operation_not_supported) {
+    if (differencing) {
+      report.warning("parent", "link", "parent link not checked: " + failure);
+    } else {
+      report.warning("image", "", "imagenbd does not serve this image: " + failure);
+    }
+  } else if (differencing && errors_before == 0) {
+    report.error("parent", "link", failure);
+  } else if (errors_before == 0) {
+    report.error("image", problem_field(failure), failure);
+  }
 }
 
 }  // namespace imagenbd::formats

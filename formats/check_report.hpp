@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "backends/block_device.hpp"
 #include "formats/parent_finder.hpp"
 
 namespace imagenbd::formats {
@@ -49,5 +50,11 @@ struct CheckOptions {
 // "current_size", "header: block count 5 does not ..." gives "block count". Words up to
 // the first value, verb or parenthesis after the "structure: " prefix.
 std::string problem_field(const std::string& message);
+
+// Awaits `open` (open_vhd or open_vdi as serve runs it, created but not yet started): the
+// parent link of a differencing image, and a last word on images whose structures passed.
+// ENOTSUP is a warning; other failures are an error only when the check found none before.
+boost::asio::awaitable<void> check_open(boost::asio::awaitable<backends::DevicePtr> open,
+                                        bool differencing, CheckReport& report);
 
 }  // namespace imagenbd::formats

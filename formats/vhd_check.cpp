@@ -248,27 +248,9 @@ asio::awaitable<void> check_bitmaps(backends::BlockDevice& child, const vhd::Dyn
 asio::awaitable<void> check_open(backends::DevicePtr child, const vhd::Footer& footer,
                                  const CheckOptions& options, CheckReport& report) {
   const bool differencing = footer.disk_type == static_cast<uint32_t>(vhd::DiskType::differencing);
-  const std::size_t errors_before = report.errors.size();
-  std::string failure;
-  std::errc code{};
-  try {
-    co_await open_vhd(child, VhdOptions{.read_only = true, .parents = options.parents});
-  } catch (const backends::Error& e) {
-    failure = e.what();
-    code = e.errc();
-  }
-  if (failure.empty()) co_return;
-  if (code == std::errc::operation_not_supported) {
-    if (differencing) {
-      report.warning("parent", "link", "parent link not checked: " + failure);
-    } else {
-      report.warning("image", "", "imagenbd does not serve this image: " + failure);
-    }
-  } else if (differencing && errors_before == 0) {
-    report.error("parent", "link", failure);
-  } else if (errors_before == 0) {
-    report.error("image", problem_field(failure), failure);
-  }
+  co_await formats::check_open(
+      open_vhd(child, VhdOptions{.read_only = true, .parents = options.parents}), differencing,
+      report);
 }
 
 }  // namespace
