@@ -13,6 +13,7 @@
 #include "backends/memory.hpp"
 #include "formats/vdi.hpp"
 #include "formats/vdi_layout.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -20,18 +21,14 @@ using namespace imagenbd::formats;
 using imagenbd::test::run;
 namespace vdi = imagenbd::formats::vdi;
 
+using imagenbd::test::uuid_v4;
+
 namespace {
 
 constexpr uint64_t MiB = 1 << 20;
 
-Uuid uuid(uint8_t seed) {
-  std::array<uint8_t, 16> b{};
-  for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(seed + i);
-  return Uuid::random_v4(b);
-}
-
 DevicePtr new_vdi(uint64_t size, vdi::ImageType type) {
-  const vdi::Header h = vdi::new_header(size, type, uuid(1), uuid(2));
+  const vdi::Header h = vdi::new_header(size, type, uuid_v4(1), uuid_v4(2));
   uint64_t file_size = h.data_offset;
   if (type == vdi::ImageType::fixed) file_size += uint64_t{h.blocks} * h.block_size;
   auto m = open_memory(file_size, "disk.vdi");

@@ -22,6 +22,7 @@
 #include "formats/vdi.hpp"
 #include "formats/vdi_layout.hpp"
 #include "tests/unit/support/bounds_checked_device.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -29,6 +30,8 @@ using namespace imagenbd::formats;
 using imagenbd::test::BoundsChecked;
 using imagenbd::test::run;
 namespace vdi = imagenbd::formats::vdi;
+
+using imagenbd::test::uuid;
 
 namespace {
 
@@ -47,12 +50,6 @@ constexpr uint64_t o_text = 0x00, o_signature = 0x40, o_version = 0x44, o_header
 // entry 0 -> physical 0 (all 0x11), entry 5 -> physical 1 (all 0x55), 2 allocated.
 constexpr uint64_t map_at = 0x200, data_at = 0x400;
 constexpr uint64_t dynamic_size = data_at + 2 * MiB;  // 0x200400
-
-Uuid uuid(uint8_t seed) {
-  Uuid u;
-  for (std::size_t i = 0; i < 16; ++i) u.bytes[i] = static_cast<uint8_t>(seed + i);
-  return u;
-}
 
 void put32(Bytes& b, uint64_t at, uint32_t v) {
   for (int i = 0; i < 4; ++i) b.at(at + i) = static_cast<std::byte>(v >> (8 * i));

@@ -25,6 +25,7 @@
 #include "formats/vdi_layout.hpp"
 #include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/faulty_device.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/recording_device.hpp"
 #include "tests/unit/support/run.hpp"
 
@@ -38,27 +39,15 @@ using imagenbd::test::run;
 namespace vdi = imagenbd::formats::vdi;
 namespace asio = boost::asio;
 
+using imagenbd::test::all_zero;
+using imagenbd::test::odd_pattern;
+using imagenbd::test::uuid;
+
 namespace {
 
 constexpr uint64_t KiB = 1024;
 constexpr uint64_t MiB = 1 << 20;
 constexpr uint64_t data_at = 0x400;  // data offset of the small images below (< 128 blocks)
-
-Uuid uuid(uint8_t seed) {
-  Uuid u;
-  for (std::size_t i = 0; i < 16; ++i) u.bytes[i] = static_cast<uint8_t>(seed + i);
-  return u;
-}
-
-std::vector<std::byte> pattern(std::size_t n, int seed) {
-  std::vector<std::byte> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = std::byte(static_cast<uint8_t>(i * 7 + seed + 1) | 1);
-  return v;
-}
-
-bool all_zero(const std::vector<std::byte>& v) {
-  return std::all_of(v.begin(), v.end(), [](std::byte b) { return b == std::byte{0}; });
-}
 
 std::vector<std::byte> cat(std::vector<std::byte> a, const std::vector<std::byte>& b) {
   a.insert(a.end(), b.begin(), b.end());
@@ -142,27 +131,27 @@ void fill(Directory& dir, const std::string& name, uint64_t offset,
 TEST_CASE("vdi differencing: free blocks read from the parent, written blocks from the child") {
   Directory dir;
   dir.add("base.vdi", 4 * MiB, MiB, -1, 1);
-  fill(dir, "base.vdi", 0, pattern(2 * MiB, 1));  // blocks 0 and 1; 2 and 3 stay free
+  fill(dir, "base.vdi", 0, odd_pattern(2 * MiB, 1));  // blocks 0 and 1; 2 and 3 stay free
   dir.add("diff.vdi", 4 * MiB, MiB, 1, 2);
   auto d = dir.open("diff.vdi");
   CHECK(d->size() == 4 * MiB);
   CHECK(d->caps().writable);
-  CHECK(read(*d, 0, 2 * MiB) == pattern(2 * MiB, 1));
+  CHECK(read(*d, 0, 2 * MiB) == odd_pattern(2 * MiB, 1));
   CHECK(all_zero(read(*d, 2 * MiB, 2 * MiB)));
   CHECK(run(d->extents(0, 4 * MiB)) ==
         std::vector<Extent>{{2 * MiB, ExtentKind::data}, {2 * MiB, ExtentKind::hole}});
 
   // A partial write to a free block copies the rest of the block up from the parent.
-  run(d->write(MiB / 2, pattern(100, 2), {}));
-  auto expect = pattern(2 * MiB, 1);
-  const auto p2 = pattern(100, 2);
+  run(d->write(MiB / 2, odd_pattern(100, 2), {}));
+  auto expect = odd_pattern(2 * MiB, 1);
+  const auto p2 = odd_pattern(100, 2);
   std::copy(p2.begin(), p2.end(), expect.begin() + MiB / 2);
   CHECK(read(*d, 0, 2 * MiB) == expect);
   auto& file = *dir.files.at("diff.vdi");
   CHECK(map_of(file)[0] == 0);
   CHECK(read(file, data_at, MiB) == std::vector(expect.begin(), expect.begin() + MiB));
   // The parent is untouched; a reopened chain reads the same.
-  CHECK(read(*dir.open("base.vdi", true), 0, 2 * MiB) == pattern(2 * MiB, 1));
+  CHECK(read(*dir.open("base.vdi", true), 0, 2 * MiB) == odd_pattern(2 * MiB, 1));
   CHECK(read(*dir.open("diff.vdi"), 0, 4 * MiB) == read(*d, 0, 4 * MiB));
   CHECK(run(d->extents(0, 4 * MiB)) ==
         std::vector<Extent>{{2 * MiB, ExtentKind::data}, {2 * MiB, ExtentKind::hole}});
@@ -171,12 +160,12 @@ TEST_CASE("vdi differencing: free blocks read from the parent, written blocks fr
 TEST_CASE("vdi differencing: the copy-up order, and no copy where the parent holds nothing") {
   Directory dir;
   dir.add("base.vdi", 4 * MiB, MiB, -1, 1);
-  fill(dir, "base.vdi", MiB, pattern(MiB, 1));  // block 1 only
+  fill(dir, "base.vdi", MiB, odd_pattern(MiB, 1));  // block 1 only
   auto child = dir.add("diff.vdi", 4 * MiB, MiB, 1, 2);
   auto rec = std::make_shared<RecordingDevice>(child);
   auto d = dir.open(rec);
   rec->clear();
-  run(d->write(MiB + 4096, pattern(4096, 2), {}));
+  run(d->write(MiB + 4096, odd_pattern(4096, 2), {}));
   // uuidModify; grow; the parent's bytes before and after the piece; the piece; flush; the
   // header and map entry in one page.
   CHECK(rec->calls() == std::vector<std::string>{
@@ -188,25 +177,25 @@ TEST_CASE("vdi differencing: the copy-up order, and no copy where the parent hol
                             "flush",
                             "write 0+520",
                         });
-  auto expect = pattern(MiB, 1);
-  const auto p2 = pattern(4096, 2);
+  auto expect = odd_pattern(MiB, 1);
+  const auto p2 = odd_pattern(4096, 2);
   std::copy(p2.begin(), p2.end(), expect.begin() + 4096);
   CHECK(read(*d, MiB, MiB) == expect);
 
   // Block 2 is free in the parent too: nothing to copy.
   rec->clear();
-  run(d->write(2 * MiB + 10, pattern(10, 3), {}));
+  run(d->write(2 * MiB + 10, odd_pattern(10, 3), {}));
   CHECK(rec->calls() ==
         std::vector<std::string>{"resize 2098176", "write 1049610+10", "flush", "write 0+524"});
   CHECK(all_zero(read(*d, 2 * MiB, 10)));
-  CHECK(read(*d, 2 * MiB + 10, 10) == pattern(10, 3));
+  CHECK(read(*d, 2 * MiB + 10, 10) == odd_pattern(10, 3));
 
   // A whole-block write needs no parent data either.
   rec->clear();
-  run(d->write(0, pattern(MiB, 4), {}));
+  run(d->write(0, odd_pattern(MiB, 4), {}));
   CHECK(rec->calls() == std::vector<std::string>{"resize 3146752", "write 2098176+1048576", "flush",
                                                  "write 0+516"});
-  CHECK(read(*d, 0, MiB) == pattern(MiB, 4));
+  CHECK(read(*d, 0, MiB) == odd_pattern(MiB, 4));
 }
 
 TEST_CASE("vdi differencing: a three-image chain matches a flat shadow, also reopened") {
@@ -227,7 +216,7 @@ TEST_CASE("vdi differencing: a three-image chain matches a flat shadow, also reo
         run(d->zero(at, n, {}));
         std::fill_n(shadow.begin() + static_cast<std::ptrdiff_t>(at), n, std::byte{0});
       } else {
-        const auto data = pattern(n, seed + i);
+        const auto data = odd_pattern(n, seed + i);
         run(d->write(at, data, {}));
         std::copy(data.begin(), data.end(), shadow.begin() + static_cast<std::ptrdiff_t>(at));
       }
@@ -268,7 +257,7 @@ TEST_CASE("vdi differencing: a three-image chain matches a flat shadow, also reo
 TEST_CASE("vdi differencing: zero hides the parent, trim may leave it visible") {
   Directory dir;
   dir.add("base.vdi", 4 * MiB, MiB, -1, 1);
-  fill(dir, "base.vdi", 0, pattern(4 * MiB, 1));
+  fill(dir, "base.vdi", 0, odd_pattern(4 * MiB, 1));
   auto child = dir.add("diff.vdi", 4 * MiB, MiB, 1, 2);
   auto d = dir.open("diff.vdi");
 
@@ -280,7 +269,7 @@ TEST_CASE("vdi differencing: zero hides the parent, trim may leave it visible") 
     CHECK(vdi::is_allocated(map[2]));
     CHECK(map[3] == vdi::entry_free);
     const auto all = read(*d, 0, 4 * MiB);
-    const auto base = pattern(4 * MiB, 1);
+    const auto base = odd_pattern(4 * MiB, 1);
     CHECK(std::equal(all.begin(), all.begin() + MiB / 2, base.begin()));
     CHECK(all_zero(std::vector(all.begin() + MiB / 2, all.begin() + 5 * MiB / 2)));
     CHECK(std::equal(all.begin() + 5 * MiB / 2, all.end(), base.begin() + 5 * MiB / 2));
@@ -293,7 +282,7 @@ TEST_CASE("vdi differencing: zero hides the parent, trim may leave it visible") 
     const Error e = error_of([&] { run(d->zero(100, 1000, {.fast = true})); });
     CHECK(e.errc() == std::errc::operation_not_supported);
     CHECK(map_of(*child)[0] == vdi::entry_free);
-    const auto base = pattern(4 * MiB, 1);
+    const auto base = odd_pattern(4 * MiB, 1);
     CHECK(read(*d, 0, MiB) == std::vector(base.begin(), base.begin() + MiB));
     run(d->zero(MiB, MiB, {.fast = true}));
     CHECK(map_of(*child)[1] == vdi::entry_zero);
@@ -307,7 +296,7 @@ TEST_CASE("vdi differencing: zero hides the parent, trim may leave it visible") 
   SUBCASE("trim of free blocks changes nothing") {
     run(d->trim(0, 4 * MiB, {}));
     CHECK(map_of(*child) == std::vector<uint32_t>(4, vdi::entry_free));
-    CHECK(read(*d, 0, 4 * MiB) == pattern(4 * MiB, 1));
+    CHECK(read(*d, 0, 4 * MiB) == odd_pattern(4 * MiB, 1));
   }
   SUBCASE("zero over a parent that holds nothing there needs no block") {
     Directory empty;
@@ -321,7 +310,7 @@ TEST_CASE("vdi differencing: zero hides the parent, trim may leave it visible") 
 TEST_CASE("vdi differencing: concurrent writers to one free block copy up once") {
   Directory dir;
   dir.add("base.vdi", 4 * MiB, MiB, -1, 1);
-  fill(dir, "base.vdi", 0, pattern(4 * MiB, 9));
+  fill(dir, "base.vdi", 0, odd_pattern(4 * MiB, 9));
   auto child = dir.add("diff.vdi", 4 * MiB, MiB, 1, 2);
   auto rec = std::make_shared<RecordingDevice>(child, /*yield=*/true);
   auto d = dir.open(rec);
@@ -334,7 +323,7 @@ TEST_CASE("vdi differencing: concurrent writers to one free block copy up once")
     asio::co_spawn(
         *contexts[i % threads],
         [d, at = at_of(i), i]() -> asio::awaitable<void> {
-          co_await d->write(at, pattern(4096, i), {});
+          co_await d->write(at, odd_pattern(4096, i), {});
         },
         [&ok](std::exception_ptr e) {
           if (!e) ++ok;
@@ -348,9 +337,9 @@ TEST_CASE("vdi differencing: concurrent writers to one free block copy up once")
   CHECK(std::count_if(calls.begin(), calls.end(),
                       [](const std::string& c) { return c.starts_with("resize"); }) == 1);
   CHECK(header_of(*child).blocks_allocated == 1);
-  auto expect = pattern(4 * MiB, 9);
+  auto expect = odd_pattern(4 * MiB, 9);
   for (int i = 0; i < writers; ++i) {
-    const auto p = pattern(4096, i);
+    const auto p = odd_pattern(4096, i);
     std::copy(p.begin(), p.end(), expect.begin() + static_cast<std::ptrdiff_t>(at_of(i)));
   }
   CHECK(read(*dir.open("diff.vdi", true), 0, 4 * MiB) == expect);
@@ -362,14 +351,14 @@ TEST_CASE("vdi differencing: the parent is found by UUID next to the image, or n
   dir.files["notes.txt"] = open_memory(100, "notes.txt");
   dir.files["raw.img"] = open_memory(MiB, "raw.img");
   dir.add("base.vdi", 4 * MiB, MiB, -1, 1);
-  fill(dir, "base.vdi", 0, pattern(10, 1));
+  fill(dir, "base.vdi", 0, odd_pattern(10, 1));
   dir.add("diff.vdi", 4 * MiB, MiB, 1, 2);
-  CHECK(read(*dir.open("diff.vdi"), 0, 10) == pattern(10, 1));
+  CHECK(read(*dir.open("diff.vdi"), 0, 10) == odd_pattern(10, 1));
 
   SUBCASE("--parent names it; the siblings are not searched") {
     Directory named("base.vdi");
     named.files = dir.files;
-    CHECK(read(*named.open("diff.vdi"), 0, 10) == pattern(10, 1));
+    CHECK(read(*named.open("diff.vdi"), 0, 10) == odd_pattern(10, 1));
     CHECK(named.opened == std::vector<std::string>{"base.vdi"});
   }
   SUBCASE("a --parent with another UUID is an error, not a fallback") {
@@ -395,7 +384,7 @@ TEST_CASE("vdi differencing: the parent is found by UUID next to the image, or n
     dir.add("top.vdi", 4 * MiB, MiB, 2, 3);
     Directory named("diff.vdi");
     named.files = dir.files;
-    CHECK(read(*named.open("top.vdi"), 0, 10) == pattern(10, 1));
+    CHECK(read(*named.open("top.vdi"), 0, 10) == odd_pattern(10, 1));
   }
   SUBCASE("a missing parent: the message lists what was searched") {
     dir.files.erase("base.vdi");
@@ -424,7 +413,7 @@ TEST_CASE("vdi differencing: the parent is found by UUID next to the image, or n
     std::vector<std::byte> sector(vdi::header_bytes);
     vdi::encode_header(h, sector);
     run(copy->write(0, sector, {}));
-    CHECK(read(*dir.open("diff.vdi"), 0, 10) == pattern(10, 1));
+    CHECK(read(*dir.open("diff.vdi"), 0, 10) == odd_pattern(10, 1));
     // Without the original, the modified copy is used (with a warning).
     dir.files.erase("base.vdi");
     CHECK(all_zero(read(*dir.open("diff.vdi"), 0, 10)));
@@ -464,24 +453,24 @@ TEST_CASE("vdi differencing: loops, depth and sizes are refused") {
 
     Directory grown;
     grown.add("base.vdi", 2 * MiB, MiB, -1, 1);
-    fill(grown, "base.vdi", 0, pattern(2 * MiB, 1));
+    fill(grown, "base.vdi", 0, odd_pattern(2 * MiB, 1));
     grown.add("diff.vdi", 3 * MiB, MiB, 1, 2);
     auto d = grown.open("diff.vdi");
     CHECK(d->size() == 3 * MiB);
-    CHECK(read(*d, 0, 2 * MiB) == pattern(2 * MiB, 1));
+    CHECK(read(*d, 0, 2 * MiB) == odd_pattern(2 * MiB, 1));
     CHECK(all_zero(read(*d, 2 * MiB, MiB)));
     CHECK(run(d->extents(0, 3 * MiB)) ==
           std::vector<Extent>{{2 * MiB, ExtentKind::data}, {MiB, ExtentKind::hole}});
-    run(d->write(2 * MiB + 10, pattern(10, 2), {}));
+    run(d->write(2 * MiB + 10, odd_pattern(10, 2), {}));
     CHECK(cat(read(*d, 2 * MiB, 10), read(*d, 2 * MiB + 10, 10)) ==
-          cat(std::vector<std::byte>(10), pattern(10, 2)));
+          cat(std::vector<std::byte>(10), odd_pattern(10, 2)));
   }
   SUBCASE("the parent is opened read-only, whatever the child") {
     Directory dir;
     dir.add("base.vdi", 2 * MiB, MiB, -1, 1);
     auto child = dir.add("diff.vdi", 2 * MiB, MiB, 1, 2);
     auto d = dir.open("diff.vdi");
-    run(d->write(0, pattern(MiB, 3), {}));
+    run(d->write(0, odd_pattern(MiB, 3), {}));
     CHECK(header_of(*dir.files.at("base.vdi")).uuid_modify == uuid(101));  // unchanged
     CHECK(header_of(*child).uuid_modify != uuid(102));
   }
@@ -492,23 +481,23 @@ TEST_CASE("vdi differencing: a failure at any step of a copy-up leaves an image 
     CAPTURE(step);
     Directory dir;
     dir.add("base.vdi", 4 * MiB, MiB, -1, 1);
-    fill(dir, "base.vdi", 0, pattern(4 * MiB, 1));
+    fill(dir, "base.vdi", 0, odd_pattern(4 * MiB, 1));
     auto child = dir.add("diff.vdi", 4 * MiB, MiB, 1, 2);
     auto faulty = std::make_shared<FaultyDevice>(child, 2 + step);
     auto d = dir.open(faulty);
     REQUIRE(faulty->calls() == 2);
     bool failed = false;
     try {
-      run(d->write(2 * MiB + 100, pattern(5000, step), {}));
+      run(d->write(2 * MiB + 100, odd_pattern(5000, step), {}));
     } catch (const Error& e) {
       failed = true;
       CHECK(std::string(e.what()).find("injected failure") != std::string::npos);
     }
     // Whatever happened, the block reads as the parent's or as the parent's with the write.
-    auto base = pattern(4 * MiB, 1);
+    auto base = odd_pattern(4 * MiB, 1);
     const std::vector<std::byte> before(base.begin() + 2 * MiB, base.begin() + 3 * MiB);
     auto after = before;
-    const auto p = pattern(5000, step);
+    const auto p = odd_pattern(5000, step);
     std::copy(p.begin(), p.end(), after.begin() + 100);
     const auto back = read(*dir.open("diff.vdi"), 2 * MiB, MiB);
     CHECK((back == before || back == after));
@@ -517,7 +506,7 @@ TEST_CASE("vdi differencing: a failure at any step of a copy-up leaves an image 
       CHECK(step > 6);
       break;
     }
-    run(d->write(2 * MiB + 100, pattern(5000, step), {}));
+    run(d->write(2 * MiB + 100, odd_pattern(5000, step), {}));
     CHECK(read(*dir.open("diff.vdi"), 2 * MiB, MiB) == after);
     REQUIRE(step < 20);
   }

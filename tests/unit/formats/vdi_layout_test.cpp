@@ -11,9 +11,12 @@
 #include <functional>
 #include <string>
 #include <vector>
+#include "tests/unit/support/image_helpers.hpp"
 
 using namespace imagenbd::formats;
 using namespace imagenbd::formats::vdi;
+
+using imagenbd::test::uuid;
 
 namespace {
 
@@ -52,12 +55,6 @@ std::vector<std::byte> qemu_sector() {
 }
 
 constexpr uint64_t qemu_file_size = 1024;  // header sector + block map sector, no data
-
-Uuid uuid(uint8_t seed) {
-  Uuid u;
-  for (std::size_t i = 0; i < 16; ++i) u.bytes[i] = static_cast<uint8_t>(seed + i);
-  return u;
-}
 
 // A valid dynamic header for `disk` bytes, and the file size that holds its map.
 Header good(uint64_t disk = 5 * MiB) {

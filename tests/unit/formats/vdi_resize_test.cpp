@@ -15,6 +15,7 @@
 #include "formats/vdi_check.hpp"
 #include "formats/vdi_layout.hpp"
 #include "tests/unit/support/faulty_device.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -23,19 +24,17 @@ using imagenbd::test::FaultyDevice;
 using imagenbd::test::run;
 namespace vdi = imagenbd::formats::vdi;
 
+using imagenbd::test::all_zero;
+using imagenbd::test::pattern;
+using imagenbd::test::uuid_v4;
+
 namespace {
 
 constexpr uint64_t MiB = 1 << 20;
 using Bytes = std::vector<std::byte>;
 
-Uuid uuid(uint8_t seed) {
-  std::array<uint8_t, 16> b{};
-  for (std::size_t i = 0; i < b.size(); ++i) b[i] = static_cast<uint8_t>(seed + i);
-  return Uuid::random_v4(b);
-}
-
 DevicePtr new_vdi(uint64_t size, vdi::ImageType type) {
-  const vdi::Header h = vdi::new_header(size, type, uuid(1), uuid(2));
+  const vdi::Header h = vdi::new_header(size, type, uuid_v4(1), uuid_v4(2));
   uint64_t file_size = h.data_offset;
   if (type == vdi::ImageType::fixed) file_size += uint64_t{h.blocks} * h.block_size;
   auto m = open_memory(file_size, "disk.vdi");
@@ -44,12 +43,6 @@ DevicePtr new_vdi(uint64_t size, vdi::ImageType type) {
   run(m->write(0, sector, {}));
   run(m->write(h.blocks_offset, vdi::encode_block_map(vdi::new_block_map(h)), {}));
   return m;
-}
-
-Bytes pattern(std::size_t n, uint8_t seed) {
-  Bytes v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>(seed + i * 7 + (i >> 9));
-  return v;
 }
 
 void write_at(DevicePtr file, uint64_t offset, const Bytes& data) {
@@ -67,10 +60,6 @@ Bytes read_at(DevicePtr file, uint64_t offset, std::size_t n) {
 
 uint64_t disk_size(DevicePtr file) {
   return run(open_vdi(file, {.read_only = true}))->size();
-}
-
-bool is_zero(const Bytes& v) {
-  return std::all_of(v.begin(), v.end(), [](std::byte b) { return b == std::byte{0}; });
 }
 
 vdi::Header header_of(BlockDevice& file) {
@@ -95,13 +84,13 @@ TEST_CASE("resize_vdi: a dynamic image grows within its map, then past it") {
   write_at(file, 5 * MiB, a);  // physical block 0
   write_at(file, 0, b);        // physical block 1
   SUBCASE("within: 100 MiB still fits the map's one sector") {
-    run(resize_vdi(*file, {.new_size = 100 * MiB, .modify_uuid = uuid(7)}));
+    run(resize_vdi(*file, {.new_size = 100 * MiB, .modify_uuid = uuid_v4(7)}));
     CHECK(disk_size(file) == 100 * MiB);
     CHECK(header_of(*file).data_offset == 0x400);
-    CHECK(header_of(*file).uuid_modify == uuid(7));
+    CHECK(header_of(*file).uuid_modify == uuid_v4(7));
   }
   SUBCASE("past: 300 MiB needs 3 map sectors; block 0 moves to the end") {
-    const auto result = run(resize_vdi(*file, {.new_size = 300 * MiB, .modify_uuid = uuid(7)}));
+    const auto result = run(resize_vdi(*file, {.new_size = 300 * MiB, .modify_uuid = uuid_v4(7)}));
     CHECK(result.relocated_blocks == 1);
     const vdi::Header h = header_of(*file);
     CHECK(h.blocks_offset == 0x400);
@@ -112,7 +101,7 @@ TEST_CASE("resize_vdi: a dynamic image grows within its map, then past it") {
   }
   CHECK(read_at(file, 5 * MiB, a.size()) == a);
   CHECK(read_at(file, 0, b.size()) == b);
-  CHECK(is_zero(read_at(file, 10 * MiB, 4 * MiB)));
+  CHECK(all_zero(read_at(file, 10 * MiB, 4 * MiB)));
   const CheckReport r = run(check_vdi(file, {}));
   CHECK(r.errors.empty());
   CHECK(r.leaked_bytes == 0);
@@ -132,7 +121,7 @@ TEST_CASE("resize_vdi: a static image grows with allocated, zeroed blocks") {
     run(resize_vdi(*file, {.new_size = 200 * MiB}));
   }
   CHECK(read_at(file, 0, data.size()) == data);
-  CHECK(is_zero(read_at(file, 4 * MiB, 2 * MiB)));
+  CHECK(all_zero(read_at(file, 4 * MiB, 2 * MiB)));
   const CheckReport r = run(check_vdi(file, {}));
   CHECK(r.errors.empty());
   CHECK(r.allocated_blocks == r.total_blocks);
@@ -181,7 +170,7 @@ TEST_CASE("resize_vdi: a failure at any step leaves a sound image of the old or 
       CHECK(size <= 300 * MiB);
       CHECK(read_at(file, 5 * MiB, a.size()) == a);
       CHECK(read_at(file, 0, b.size()) == b);
-      CHECK(is_zero(read_at(file, 10 * MiB - 4096, 4096)));
+      CHECK(all_zero(read_at(file, 10 * MiB - 4096, 4096)));
     }
     CHECK(completed_at > 5);
   }

@@ -22,6 +22,7 @@
 #include "formats/vdi_layout.hpp"
 #include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/faulty_device.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/recording_device.hpp"
 #include "tests/unit/support/run.hpp"
 
@@ -35,27 +36,15 @@ using imagenbd::test::run;
 namespace vdi = imagenbd::formats::vdi;
 namespace asio = boost::asio;
 
+using imagenbd::test::all_zero;
+using imagenbd::test::odd_pattern;
+using imagenbd::test::uuid;
+
 namespace {
 
 constexpr uint64_t KiB = 1024;
 constexpr uint64_t MiB = 1 << 20;
 constexpr uint64_t data_at = 0x400;  // data offset of the small images below (< 128 blocks)
-
-Uuid uuid(uint8_t seed) {
-  Uuid u;
-  for (std::size_t i = 0; i < 16; ++i) u.bytes[i] = static_cast<uint8_t>(seed + i);
-  return u;
-}
-
-std::vector<std::byte> pattern(std::size_t n, int seed) {
-  std::vector<std::byte> v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = std::byte(static_cast<uint8_t>(i * 7 + seed + 1) | 1);
-  return v;
-}
-
-bool all_zero(const std::vector<std::byte>& v) {
-  return std::all_of(v.begin(), v.end(), [](std::byte b) { return b == std::byte{0}; });
-}
 
 // Writes header and block map of a new image into a memory "file" labelled disk.vdi.
 // Static images get their data area (reading as zeroes); `edit` may change the header
@@ -132,10 +121,10 @@ TEST_CASE("vdi: an empty dynamic image reads as zeroes and is one hole") {
 
 TEST_CASE("vdi: a static image is all data, writes go in place and allocate nothing") {
   auto file = make_file(3 * MiB, vdi::ImageType::fixed);
-  run(file->write(data_at + MiB + 10, pattern(100, 1), {}));  // virtual MiB + 10
+  run(file->write(data_at + MiB + 10, odd_pattern(100, 1), {}));  // virtual MiB + 10
   auto d = open(file);
   CHECK(run(d->extents(0, 3 * MiB)) == std::vector<Extent>{{3 * MiB, ExtentKind::data}});
-  CHECK(read(*d, MiB + 10, 100) == pattern(100, 1));
+  CHECK(read(*d, MiB + 10, 100) == odd_pattern(100, 1));
   // Contiguous blocks make one child read.
   auto rec = std::make_shared<RecordingDevice>(file);
   auto r = open(rec);
@@ -143,8 +132,8 @@ TEST_CASE("vdi: a static image is all data, writes go in place and allocate noth
   CHECK(read(*r, 100, 2 * MiB + 5) == read(*file, data_at + 100, 2 * MiB + 5));
   CHECK(rec->calls() == std::vector<std::string>{"read 1124+2097157"});
 
-  run(r->write(3 * MiB - 7, pattern(7, 2), {}));
-  CHECK(read(*file, data_at + 3 * MiB - 7, 7) == pattern(7, 2));
+  run(r->write(3 * MiB - 7, odd_pattern(7, 2), {}));
+  CHECK(read(*file, data_at + 3 * MiB - 7, 7) == odd_pattern(7, 2));
   CHECK(file->size() == data_at + 3 * MiB);
   CHECK(header_of(*file).blocks_allocated == 3);
   CHECK(map_of(*file) == std::vector<uint32_t>{0, 1, 2});
@@ -155,7 +144,7 @@ TEST_CASE("vdi: the first write to a free block allocates it in the crash-safe o
   auto rec = std::make_shared<RecordingDevice>(file);
   auto d = open(rec);
   rec->clear();
-  const auto data = pattern(4096, 3);
+  const auto data = odd_pattern(4096, 3);
   run(d->write(5 * MiB + 512, data, {}));
   // The first modification gives the image a new uuidModify (one header write); then:
   // grow, data, flush, and only then the header with the new count and the map entry,
@@ -183,7 +172,7 @@ TEST_CASE("vdi: the first write to a free block allocates it in the crash-safe o
   // A second write into the block goes in place; a write to another block takes the next
   // physical block. FUA: the in-place write carries it, the allocation ends with a flush.
   rec->clear();
-  run(d->write(6 * MiB - 10, pattern(20, 4), {.fua = true}));  // blocks 5 and 6
+  run(d->write(6 * MiB - 10, odd_pattern(20, 4), {.fua = true}));  // blocks 5 and 6
   CHECK(rec->calls() == std::vector<std::string>{
                             "write 1049590+10",
                             "resize 2098176",
@@ -193,10 +182,10 @@ TEST_CASE("vdi: the first write to a free block allocates it in the crash-safe o
                             "flush",
                         });
   rec->clear();
-  run(d->write(MiB, pattern(10, 5), {.fua = true}));
+  run(d->write(MiB, odd_pattern(10, 5), {.fua = true}));
   CHECK(rec->calls().back() == "flush");
   rec->clear();
-  run(d->write(5 * MiB, pattern(10, 5), {.fua = true}));
+  run(d->write(5 * MiB, odd_pattern(10, 5), {.fua = true}));
   CHECK(rec->calls() == std::vector<std::string>{"write 1024+10 fua"});
 
   map = map_of(*file);
@@ -213,7 +202,7 @@ TEST_CASE("vdi: the first write to a free block allocates it in the crash-safe o
   // Reopened, the image says the same.
   auto again = open(file);
   CHECK(read(*again, 5 * MiB + 10, 4096) == read(*d, 5 * MiB + 10, 4096));
-  CHECK(read(*again, 6 * MiB - 10, 20) == pattern(20, 4));
+  CHECK(read(*again, 6 * MiB - 10, 20) == odd_pattern(20, 4));
 }
 
 TEST_CASE("vdi: unaligned writes over small blocks match a shadow copy, also after reopening") {
@@ -226,7 +215,7 @@ TEST_CASE("vdi: unaligned writes over small blocks match a shadow copy, also aft
   for (int i = 0; i < 200; ++i) {
     const uint64_t at = rng() % disk;
     const std::size_t n = 1 + rng() % std::min<uint64_t>(200 * KiB, disk - at);
-    const auto data = pattern(n, i);
+    const auto data = odd_pattern(n, i);
     run(d->write(at, data, {}));
     std::copy(data.begin(), data.end(), shadow.begin() + static_cast<std::ptrdiff_t>(at));
     if (i % 50 == 0) CHECK(read(*d, 0, disk) == shadow);
@@ -253,7 +242,7 @@ TEST_CASE("vdi: concurrent writers to one unallocated block on several threads")
     const uint64_t at = (i < 24 ? 2 * MiB + i * 8 * KiB : 3 * MiB + (i - 24) * 8 * KiB) + 100;
     asio::co_spawn(
         *contexts[i % threads],
-        [d, at, i]() -> asio::awaitable<void> { co_await d->write(at, pattern(4096, i), {}); },
+        [d, at, i]() -> asio::awaitable<void> { co_await d->write(at, odd_pattern(4096, i), {}); },
         [&ok](std::exception_ptr e) {
           if (!e) ++ok;
         });
@@ -276,7 +265,7 @@ TEST_CASE("vdi: concurrent writers to one unallocated block on several threads")
   for (int i = 0; i < writers; ++i) {
     const uint64_t at = (i < 24 ? 2 * MiB + i * 8 * KiB : 3 * MiB + (i - 24) * 8 * KiB) + 100;
     CAPTURE(i);
-    CHECK(read(*again, at, 4096) == pattern(4096, i));
+    CHECK(read(*again, at, 4096) == odd_pattern(4096, i));
     CHECK(all_zero(read(*again, at + 4096, 4096 - 100)));
   }
 }
@@ -294,17 +283,17 @@ TEST_CASE("vdi: a whole block of zeroes marks the entry zero instead of allocati
   CHECK(header_of(*file).blocks_allocated == 1);
   run(d->write(0, std::vector<std::byte>(2 * MiB), {}));  // block 0: zero; block 1: in place
   CHECK(map_of(*file) == std::vector<uint32_t>{vdi::entry_zero, 0, vdi::entry_free});
-  run(d->write(MiB / 2, pattern(MiB, 1), {}));  // the zero block 0 gets a block too
+  run(d->write(MiB / 2, odd_pattern(MiB, 1), {}));  // the zero block 0 gets a block too
   CHECK(map_of(*file) == std::vector<uint32_t>{1, 0, vdi::entry_free});
-  CHECK(read(*d, MiB / 2, MiB) == pattern(MiB, 1));
+  CHECK(read(*d, MiB / 2, MiB) == odd_pattern(MiB, 1));
   CHECK(all_zero(read(*d, 0, MiB / 2)));
 }
 
 TEST_CASE("vdi: zero and trim read back as zeroes and never give blocks back") {
   auto file = make_file(6 * MiB);
   auto d = open(file);
-  run(d->write(MiB, pattern(2 * MiB, 1), {}));     // blocks 1 and 2 -> physical 0 and 1
-  run(d->write(4 * MiB + 5, pattern(10, 2), {}));  // block 4 -> physical 2
+  run(d->write(MiB, odd_pattern(2 * MiB, 1), {}));     // blocks 1 and 2 -> physical 0 and 1
+  run(d->write(4 * MiB + 5, odd_pattern(10, 2), {}));  // block 4 -> physical 2
   auto rec = std::make_shared<RecordingDevice>(file);
   d = open(rec);
 
@@ -360,7 +349,7 @@ TEST_CASE("vdi: extents merge runs of a kind and stop at 1024 per call") {
   // 2048 blocks of 512 bytes, every other one allocated: 2048 alternating runs.
   auto file = make_file(MiB, vdi::ImageType::dynamic, 512);
   auto d = open(file);
-  for (uint64_t i = 0; i < 2048; i += 2) run(d->write(i * 512 + 1, pattern(1, 1), {}));
+  for (uint64_t i = 0; i < 2048; i += 2) run(d->write(i * 512 + 1, odd_pattern(1, 1), {}));
   auto extents = run(d->extents(0, MiB));
   REQUIRE(extents.size() == 1024);
   CHECK(extents[0] == Extent{512, ExtentKind::data});
@@ -371,31 +360,31 @@ TEST_CASE("vdi: extents merge runs of a kind and stop at 1024 per call") {
   CHECK(run(d->extents(100, 1000)) == std::vector<Extent>{{412, ExtentKind::data},
                                                           {512, ExtentKind::hole},
                                                           {76, ExtentKind::data}});
-  CHECK(read(*open(file), 1024 * 512 + 1, 1) == pattern(1, 1));
+  CHECK(read(*open(file), 1024 * 512 + 1, 1) == odd_pattern(1, 1));
 }
 
 TEST_CASE("vdi: block extra bytes sit before each block's data") {
   auto edit = [](vdi::Header& h) { h.block_extra = 512; };
   auto file = make_file(2 * MiB, vdi::ImageType::fixed, MiB, edit);
   CHECK(file->size() == data_at + 2 * (MiB + 512));
-  run(file->write(data_at + MiB + 512 + 512, pattern(10, 1), {}));  // block 1, byte 0
+  run(file->write(data_at + MiB + 512 + 512, odd_pattern(10, 1), {}));  // block 1, byte 0
   auto d = open(file);
-  CHECK(read(*d, MiB, 10) == pattern(10, 1));
+  CHECK(read(*d, MiB, 10) == odd_pattern(10, 1));
   // Reads across the boundary skip the extra bytes of block 1.
-  run(file->write(data_at + MiB + 512, pattern(512, 9), {}));
+  run(file->write(data_at + MiB + 512, odd_pattern(512, 9), {}));
   CHECK(read(*d, MiB - 5, 15) == [] {
     auto v = std::vector<std::byte>(5);
-    auto tail = pattern(10, 1);
+    auto tail = odd_pattern(10, 1);
     v.insert(v.end(), tail.begin(), tail.end());
     return v;
   }());
 
   auto dynamic = make_file(2 * MiB, vdi::ImageType::dynamic, MiB, edit);
   auto dd = open(dynamic);
-  run(dd->write(MiB + 3, pattern(10, 2), {}));
+  run(dd->write(MiB + 3, odd_pattern(10, 2), {}));
   CHECK(dynamic->size() == data_at + MiB + 512);
-  CHECK(read(*dynamic, data_at + 512 + 3, 10) == pattern(10, 2));
-  CHECK(read(*open(dynamic), MiB + 3, 10) == pattern(10, 2));
+  CHECK(read(*dynamic, data_at + 512 + 3, 10) == odd_pattern(10, 2));
+  CHECK(read(*open(dynamic), MiB + 3, 10) == odd_pattern(10, 2));
 }
 
 TEST_CASE("vdi: an odd disk size is rounded down, the last block holds only what fits") {
@@ -405,8 +394,8 @@ TEST_CASE("vdi: an odd disk size is rounded down, the last block holds only what
   // A whole last block of zeroes is its 1 MiB - 512 bytes.
   run(d->write(2 * MiB, std::vector<std::byte>(MiB - 512), {}));
   CHECK(map_of(*file)[2] == vdi::entry_zero);
-  run(d->write(3 * MiB - 1024, pattern(512, 1), {}));
-  CHECK(read(*d, 3 * MiB - 1024, 512) == pattern(512, 1));
+  run(d->write(3 * MiB - 1024, odd_pattern(512, 1), {}));
+  CHECK(read(*d, 3 * MiB - 1024, 512) == odd_pattern(512, 1));
   CHECK(file->size() == data_at + MiB);  // the whole block is in the file, as qemu does
 }
 
@@ -420,7 +409,7 @@ TEST_CASE("vdi: read-only opens refuse writes, nil UUIDs are served only read-on
   CHECK(!d->caps().fast_zero);
   for (int op = 0; op < 3; ++op) {
     const Error e = error_of([&] {
-      if (op == 0) run(d->write(0, pattern(1, 1), {}));
+      if (op == 0) run(d->write(0, odd_pattern(1, 1), {}));
       if (op == 1) run(d->trim(0, MiB, {}));
       if (op == 2) run(d->zero(0, MiB, {}));
     });
@@ -453,7 +442,7 @@ TEST_CASE("vdi: damaged and unsupported images are refused, naming the file and 
   }
   SUBCASE("block map entry past the end of the file") {
     auto file = make_file(4 * MiB);
-    run(open(file)->write(0, pattern(10, 1), {}));
+    run(open(file)->write(0, odd_pattern(10, 1), {}));
     vdi::Header h = header_of(*file);
     h.blocks_allocated = 2;
     put_header(*file, h);
@@ -484,14 +473,14 @@ TEST_CASE("vdi: damaged and unsupported images are refused, naming the file and 
   SUBCASE("an entry at the header's count: the count did not reach the disk") {
     auto file = make_file(4 * MiB);
     auto d = open(file);
-    run(d->write(0, pattern(10, 1), {}));
-    run(d->write(MiB, pattern(10, 2), {}));
+    run(d->write(0, odd_pattern(10, 1), {}));
+    run(d->write(MiB, odd_pattern(10, 2), {}));
     vdi::Header h = header_of(*file);
     h.blocks_allocated = 1;  // entry 1 points at block 1
     put_header(*file, h);
     d = open(file);
-    CHECK(read(*d, MiB, 10) == pattern(10, 2));
-    run(d->write(2 * MiB, pattern(10, 3), {}));
+    CHECK(read(*d, MiB, 10) == odd_pattern(10, 2));
+    run(d->write(2 * MiB, odd_pattern(10, 3), {}));
     CHECK(map_of(*file) == std::vector<uint32_t>{0, 1, 2, vdi::entry_free});
     CHECK(header_of(*file).blocks_allocated == 3);
   }
@@ -503,16 +492,16 @@ TEST_CASE("vdi: damaged and unsupported images are refused, naming the file and 
   }
   SUBCASE("leaked blocks are reported, not refused, and used for the next allocation") {
     auto file = make_file(2 * MiB);
-    run(open(file)->write(0, pattern(10, 1), {}));
+    run(open(file)->write(0, odd_pattern(10, 1), {}));
     vdi::Header h = header_of(*file);
     h.blocks_allocated = 2;  // an allocation interrupted before its map entry
     put_header(*file, h);
     run(file->resize(data_at + 2 * MiB));
-    run(file->write(data_at + MiB, pattern(MiB, 3), {}));  // what it left behind
+    run(file->write(data_at + MiB, odd_pattern(MiB, 3), {}));  // what it left behind
     auto rec = std::make_shared<RecordingDevice>(file);
     auto d = open(rec);
     rec->clear();
-    run(d->write(MiB + 10, pattern(10, 2), {}));
+    run(d->write(MiB + 10, odd_pattern(10, 2), {}));
     // No new block, no new count: the leaked block is zeroed, written, and mapped.
     CHECK(rec->calls() == std::vector<std::string>{"write 0+512", "zero 1049600+1048576",
                                                    "write 1049610+10", "flush", "write 516+4"});
@@ -520,7 +509,7 @@ TEST_CASE("vdi: damaged and unsupported images are refused, naming the file and 
     CHECK(header_of(*file).blocks_allocated == 2);
     CHECK(file->size() == data_at + 2 * MiB);
     CHECK(all_zero(read(*d, MiB, 10)));
-    CHECK(read(*d, MiB + 10, 10) == pattern(10, 2));
+    CHECK(read(*d, MiB + 10, 10) == odd_pattern(10, 2));
     CHECK(all_zero(read(*d, MiB + 20, MiB - 20)));
   }
 }
@@ -536,7 +525,7 @@ TEST_CASE("vdi: a failure at any step of an allocation leaves an image that open
     REQUIRE(faulty->calls() == 2);
     bool failed = false;
     try {
-      run(d->write(2 * MiB + 100, pattern(5000, step), {}));
+      run(d->write(2 * MiB + 100, odd_pattern(5000, step), {}));
     } catch (const Error& e) {
       failed = true;
       CHECK(std::string(e.what()).find("injected failure") != std::string::npos);
@@ -544,15 +533,15 @@ TEST_CASE("vdi: a failure at any step of an allocation leaves an image that open
     // Whatever happened, the image opens and block 2 holds the data or zeroes.
     auto again = open(file);
     const auto back = read(*again, 2 * MiB + 100, 5000);
-    CHECK((back == pattern(5000, step) || all_zero(back)));
+    CHECK((back == odd_pattern(5000, step) || all_zero(back)));
     if (!failed) {
-      CHECK(back == pattern(5000, step));
+      CHECK(back == odd_pattern(5000, step));
       CHECK(step > 5);
       break;
     }
     // The same device can carry on: a retry allocates a block that nothing else uses.
-    run(d->write(2 * MiB + 100, pattern(5000, step), {}));
-    CHECK(read(*open(file), 2 * MiB + 100, 5000) == pattern(5000, step));
+    run(d->write(2 * MiB + 100, odd_pattern(5000, step), {}));
+    CHECK(read(*open(file), 2 * MiB + 100, 5000) == odd_pattern(5000, step));
     REQUIRE(step < 20);
   }
 }

@@ -23,6 +23,7 @@
 #include "formats/vhd.hpp"
 #include "formats/vhd_layout.hpp"
 #include "formats/vhd_parent.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -31,6 +32,8 @@ using imagenbd::test::run;
 using namespace std::literals;
 namespace vhd = imagenbd::formats::vhd;
 namespace platform = vhd::platform;
+
+using imagenbd::test::pattern;
 
 namespace {
 
@@ -50,12 +53,6 @@ Bytes utf16le(std::u16string_view s) {
     v.push_back(static_cast<std::byte>(c & 0xff));
     v.push_back(static_cast<std::byte>(c >> 8));
   }
-  return v;
-}
-
-Bytes pattern(std::size_t n, uint8_t seed) {
-  Bytes v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>(seed + i * 7 + (i >> 9));
   return v;
 }
 

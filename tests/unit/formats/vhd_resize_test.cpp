@@ -15,6 +15,7 @@
 #include "formats/vhd_check.hpp"
 #include "formats/vhd_layout.hpp"
 #include "tests/unit/support/faulty_device.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -22,6 +23,9 @@ using namespace imagenbd::formats;
 using imagenbd::test::FaultyDevice;
 using imagenbd::test::run;
 namespace vhd = imagenbd::formats::vhd;
+
+using imagenbd::test::all_zero;
+using imagenbd::test::pattern;
 
 namespace {
 
@@ -58,12 +62,6 @@ DevicePtr fixed_vhd(uint64_t size) {
   return m;
 }
 
-Bytes pattern(std::size_t n, uint8_t seed) {
-  Bytes v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>(seed + i * 7 + (i >> 9));
-  return v;
-}
-
 void write_at(DevicePtr file, uint64_t offset, const Bytes& data) {
   auto disk = run(open_vhd(file, {}));
   run(disk->write(offset, data, {}));
@@ -79,10 +77,6 @@ Bytes read_at(DevicePtr file, uint64_t offset, std::size_t n) {
 
 uint64_t disk_size(DevicePtr file) {
   return run(open_vhd(file, {.read_only = true}))->size();
-}
-
-bool is_zero(const Bytes& v) {
-  return std::all_of(v.begin(), v.end(), [](std::byte b) { return b == std::byte{0}; });
 }
 
 DevicePtr copy_of(BlockDevice& from) {
@@ -111,8 +105,8 @@ TEST_CASE("resize_vhd: a dynamic disk grows 200x, the block after the BAT moves"
   CHECK(read_at(file, 0, a.size()) == a);
   CHECK(read_at(file, 5 * MiB, b.size()) == b);
   CHECK(read_at(file, 10 * MiB - 4096, tail.size()) == tail);
-  CHECK(is_zero(read_at(file, 10 * MiB, 4 * MiB)));
-  CHECK(is_zero(read_at(file, 2000 * MiB - 4096, 4096)));
+  CHECK(all_zero(read_at(file, 10 * MiB, 4 * MiB)));
+  CHECK(all_zero(read_at(file, 2000 * MiB - 4096, 4096)));
   const CheckReport r = run(check_vhd(file, {}));
   CHECK(r.errors.empty());
   CHECK(r.total_blocks == 1000);
@@ -147,7 +141,7 @@ TEST_CASE("resize_vhd: bytes past the old end of a block read as zeroes after gr
   const uint64_t block = uint64_t{vhd::decode_bat(bat, 1)[0]} * 512 + 512;
   run(file->write(block + MiB + 100, pattern(1000, 5), {}));
   run(resize_vhd(*file, {.new_size = 4 * MiB}));
-  CHECK(is_zero(read_at(file, 3 * MiB, MiB)));
+  CHECK(all_zero(read_at(file, 3 * MiB, MiB)));
   CHECK(read_at(file, 3 * MiB - 4096, 4096) == pattern(4096, 9));
 }
 
@@ -182,7 +176,7 @@ TEST_CASE("resize_vhd: fixed disks move their footer, the old one becomes zeroes
   CHECK(file->size() == 3 * MiB + 512);
   CHECK(disk_size(file) == 3 * MiB);
   CHECK(read_at(file, 0, MiB) == data);
-  CHECK(is_zero(read_at(file, MiB, 2 * MiB)));
+  CHECK(all_zero(read_at(file, MiB, 2 * MiB)));
   CHECK_THROWS_AS(run(resize_vhd(*file, {.new_size = MiB})), Error);
   run(resize_vhd(*file, {.new_size = 512 * 1024, .shrink = true}));
   CHECK(file->size() == 512 * 1024 + 512);

@@ -25,6 +25,7 @@
 #include "backends/memory.hpp"
 #include "formats/open_image.hpp"
 #include "tests/unit/support/faulty_device.hpp"
+#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -35,18 +36,14 @@ using namespace std::literals;
 namespace vhd = imagenbd::formats::vhd;
 namespace asio = boost::asio;
 
+using imagenbd::test::pattern;
+
 namespace {
 
 constexpr uint64_t KiB = 1 << 10;
 constexpr uint64_t MiB = 1 << 20;
 
 using Bytes = std::vector<std::byte>;
-
-Bytes pattern(std::size_t n, uint8_t seed) {
-  Bytes v(n);
-  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>(seed + i * 7 + (i >> 9));
-  return v;
-}
 
 Bytes read(BlockDevice& d, uint64_t offset, std::size_t n) {
   Bytes v(n);
