@@ -13,31 +13,19 @@
 #include "backends/memory.hpp"
 #include "formats/vdi.hpp"
 #include "formats/vdi_layout.hpp"
-#include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/vdi_helpers.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
+using imagenbd::test::new_vdi;
 using imagenbd::test::run;
 namespace vdi = imagenbd::formats::vdi;
 
-using imagenbd::test::uuid_v4;
 
 namespace {
 
 constexpr uint64_t MiB = 1 << 20;
-
-DevicePtr new_vdi(uint64_t size, vdi::ImageType type) {
-  const vdi::Header h = vdi::new_header(size, type, uuid_v4(1), uuid_v4(2));
-  uint64_t file_size = h.data_offset;
-  if (type == vdi::ImageType::fixed) file_size += uint64_t{h.blocks} * h.block_size;
-  auto m = open_memory(file_size, "disk.vdi");
-  std::vector<std::byte> sector(vdi::header_bytes);
-  vdi::encode_header(h, sector);
-  run(m->write(0, sector, {}));
-  run(m->write(h.blocks_offset, vdi::encode_block_map(vdi::new_block_map(h)), {}));
-  return m;
-}
 
 void write_through(DevicePtr file, uint64_t offset, std::size_t length, uint8_t value) {
   auto disk = run(open_vdi(file, {}));

@@ -28,14 +28,19 @@
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/recording_device.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/vdi_helpers.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
 using imagenbd::test::error_of;
 using imagenbd::test::FaultyDevice;
+using imagenbd::test::header_of;
+using imagenbd::test::map_of;
+using imagenbd::test::put_header;
 using imagenbd::test::read;
 using imagenbd::test::RecordingDevice;
 using imagenbd::test::run;
+using imagenbd::test::write_new_vdi;
 namespace vdi = imagenbd::formats::vdi;
 namespace asio = boost::asio;
 
@@ -52,14 +57,6 @@ constexpr uint64_t data_at = 0x400;  // data offset of the small images below (<
 std::vector<std::byte> cat(std::vector<std::byte> a, const std::vector<std::byte>& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;
-}
-
-vdi::Header header_of(BlockDevice& file) {
-  return vdi::decode_header(read(file, 0, vdi::header_bytes));
-}
-std::vector<uint32_t> map_of(BlockDevice& file) {
-  const vdi::Header h = header_of(file);
-  return vdi::decode_block_map(read(file, h.blocks_offset, h.blocks * 4));
 }
 
 // A directory of memory files, and a ParentFinder over it.
@@ -100,10 +97,7 @@ struct Directory {
       }
     }
     auto file = open_memory(h.data_offset, name);
-    std::vector<std::byte> sector(vdi::header_bytes);
-    vdi::encode_header(h, sector);
-    run(file->write(0, sector, {}));
-    run(file->write(h.blocks_offset, vdi::encode_block_map(vdi::new_block_map(h)), {}));
+    write_new_vdi(*file, h);
     files[name] = file;
     return file;
   }
@@ -410,9 +404,7 @@ TEST_CASE("vdi differencing: the parent is found by UUID next to the image, or n
     auto copy = dir.add("a-copy.vdi", 4 * MiB, MiB, -1, 1);
     vdi::Header h = header_of(*copy);
     h.uuid_modify = uuid(77);
-    std::vector<std::byte> sector(vdi::header_bytes);
-    vdi::encode_header(h, sector);
-    run(copy->write(0, sector, {}));
+    put_header(*copy, h);
     CHECK(read(*dir.open("diff.vdi"), 0, 10) == odd_pattern(10, 1));
     // Without the original, the modified copy is used (with a warning).
     dir.files.erase("base.vdi");

@@ -17,10 +17,13 @@
 #include "tests/unit/support/faulty_device.hpp"
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/vdi_helpers.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
 using imagenbd::test::FaultyDevice;
+using imagenbd::test::header_of;
+using imagenbd::test::new_vdi;
 using imagenbd::test::run;
 namespace vdi = imagenbd::formats::vdi;
 
@@ -32,18 +35,6 @@ namespace {
 
 constexpr uint64_t MiB = 1 << 20;
 using Bytes = std::vector<std::byte>;
-
-DevicePtr new_vdi(uint64_t size, vdi::ImageType type) {
-  const vdi::Header h = vdi::new_header(size, type, uuid_v4(1), uuid_v4(2));
-  uint64_t file_size = h.data_offset;
-  if (type == vdi::ImageType::fixed) file_size += uint64_t{h.blocks} * h.block_size;
-  auto m = open_memory(file_size, "disk.vdi");
-  std::vector<std::byte> sector(vdi::header_bytes);
-  vdi::encode_header(h, sector);
-  run(m->write(0, sector, {}));
-  run(m->write(h.blocks_offset, vdi::encode_block_map(vdi::new_block_map(h)), {}));
-  return m;
-}
 
 void write_at(DevicePtr file, uint64_t offset, const Bytes& data) {
   auto disk = run(open_vdi(file, {}));
@@ -60,12 +51,6 @@ Bytes read_at(DevicePtr file, uint64_t offset, std::size_t n) {
 
 uint64_t disk_size(DevicePtr file) {
   return run(open_vdi(file, {.read_only = true}))->size();
-}
-
-vdi::Header header_of(BlockDevice& file) {
-  std::vector<std::byte> sector(vdi::header_bytes);
-  run(file.read(0, sector));
-  return vdi::decode_header(sector);
 }
 
 DevicePtr copy_of(BlockDevice& from) {

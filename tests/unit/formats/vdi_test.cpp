@@ -25,14 +25,20 @@
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/recording_device.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/vdi_helpers.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
 using imagenbd::test::error_of;
 using imagenbd::test::FaultyDevice;
+using imagenbd::test::header_of;
+using imagenbd::test::map_of;
+using imagenbd::test::put_header;
+using imagenbd::test::put_map;
 using imagenbd::test::read;
 using imagenbd::test::RecordingDevice;
 using imagenbd::test::run;
+using imagenbd::test::write_new_vdi;
 namespace vdi = imagenbd::formats::vdi;
 namespace asio = boost::asio;
 
@@ -56,31 +62,12 @@ DevicePtr make_file(uint64_t disk, vdi::ImageType type, uint32_t block_size, Edi
   const uint64_t stride = uint64_t{h.block_size} + h.block_extra;
   const uint64_t size = h.data_offset + (type == vdi::ImageType::fixed ? h.blocks * stride : 0);
   auto file = open_memory(size, "disk.vdi");
-  std::vector<std::byte> sector(vdi::header_bytes);
-  vdi::encode_header(h, sector);
-  run(file->write(0, sector, {}));
-  run(file->write(h.blocks_offset, vdi::encode_block_map(vdi::new_block_map(h)), {}));
+  write_new_vdi(*file, h);
   return file;
 }
 DevicePtr make_file(uint64_t disk, vdi::ImageType type = vdi::ImageType::dynamic,
                     uint32_t block_size = MiB) {
   return make_file(disk, type, block_size, [](vdi::Header&) {});
-}
-
-vdi::Header header_of(BlockDevice& file) {
-  return vdi::decode_header(read(file, 0, vdi::header_bytes));
-}
-std::vector<uint32_t> map_of(BlockDevice& file) {
-  const vdi::Header h = header_of(file);
-  return vdi::decode_block_map(read(file, h.blocks_offset, h.blocks * 4));
-}
-void put_map(BlockDevice& file, const std::vector<uint32_t>& map) {
-  run(file.write(header_of(file).blocks_offset, vdi::encode_block_map(map), {}));
-}
-void put_header(BlockDevice& file, const vdi::Header& h) {
-  std::vector<std::byte> sector(vdi::header_bytes);
-  vdi::encode_header(h, sector);
-  run(file.write(0, sector, {}));
 }
 
 DevicePtr open(DevicePtr file, bool read_only = false) {
