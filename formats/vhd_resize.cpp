@@ -13,6 +13,7 @@
 #include <fmt/format.h>
 
 #include "backends/error.hpp"
+#include "formats/resize_copy.hpp"
 
 namespace imagenbd::formats {
 
@@ -21,26 +22,12 @@ namespace {
 using vhd::footer_size;
 using vhd::sector_size;
 
-constexpr uint64_t copy_chunk = 4u << 20;  // bytes per read/write when moving a block
-
 uint64_t round_up(uint64_t v, uint64_t to) {
   return (v + to - 1) / to * to;
 }
 
 [[noreturn]] void refuse(const std::string& path, const Problem& problem) {
   throw backends::Error(problem.code, fmt::format("vhd: {}: {}", path, problem.message));
-}
-
-asio::awaitable<void> copy_bytes(backends::BlockDevice& file, uint64_t from, uint64_t to,
-                                 uint64_t length) {
-  std::vector<std::byte> buffer(std::min(length, copy_chunk));
-  for (uint64_t done = 0; done < length;) {
-    const auto n = static_cast<std::size_t>(std::min<uint64_t>(buffer.size(), length - done));
-    const std::span<std::byte> piece(buffer.data(), n);
-    co_await file.read(from + done, piece);
-    co_await file.write(to + done, piece, {});
-    done += n;
-  }
 }
 
 // Where a block moved behind `end` starts: its data on a 4 KiB boundary for blocks of 64
