@@ -23,6 +23,7 @@
 #include "formats/vhd.hpp"
 #include "formats/vhd_layout.hpp"
 #include "formats/vhd_parent.hpp"
+#include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
 
@@ -33,7 +34,9 @@ using namespace std::literals;
 namespace vhd = imagenbd::formats::vhd;
 namespace platform = vhd::platform;
 
+using imagenbd::test::error_of;
 using imagenbd::test::pattern;
+using imagenbd::test::read;
 
 namespace {
 
@@ -60,17 +63,6 @@ Uuid id(uint8_t n) {
   Uuid u;
   u.bytes.fill(n);
   return u;
-}
-
-template <typename Fn>
-Error error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  FAIL("expected backends::Error");
-  throw;
 }
 
 // Yields to the executor before each call, so concurrent coroutines interleave at each I/O.
@@ -194,12 +186,6 @@ struct Store {
                         VhdOptions{.read_only = read_only, .parents = {.finder = &finder}}));
   }
 };
-
-Bytes read(BlockDevice& d, uint64_t offset, std::size_t n) {
-  Bytes v(n, std::byte{0xee});
-  run(d.read(offset, v));
-  return v;
-}
 
 void write(BlockDevice& d, uint64_t offset, const Bytes& data, Bytes& model) {
   run(d.write(offset, data, {}));

@@ -24,6 +24,7 @@
 #include "backends/error.hpp"
 #include "backends/memory.hpp"
 #include "formats/open_image.hpp"
+#include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/faulty_device.hpp"
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
@@ -36,6 +37,7 @@ using namespace std::literals;
 namespace vhd = imagenbd::formats::vhd;
 namespace asio = boost::asio;
 
+using imagenbd::test::error_of;
 using imagenbd::test::pattern;
 
 namespace {
@@ -63,17 +65,6 @@ DevicePtr memory_with(const Bytes& bytes, std::string label = "disk.vhd") {
 
 bool is_zero(std::span<const std::byte> s) {
   return std::all_of(s.begin(), s.end(), [](std::byte b) { return b == std::byte{0}; });
-}
-
-template <typename Fn>
-Error error_of(Fn&& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e;
-  }
-  FAIL("expected backends::Error");
-  throw;
 }
 
 DevicePtr open(DevicePtr child, VhdOptions options = {}) {
