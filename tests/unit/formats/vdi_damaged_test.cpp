@@ -23,6 +23,7 @@
 #include "formats/vdi_layout.hpp"
 #include "tests/unit/support/bounds_checked_device.hpp"
 #include "tests/unit/support/image_helpers.hpp"
+#include "tests/unit/support/refusal.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -118,24 +119,9 @@ std::set<std::string>& seen() {
 // "vdi: disk.vdi: " followed by text containing `fragment`.
 void refused(const char* what, const Bytes& bytes, std::errc code, std::string_view fragment,
              bool read_only = false) {
-  INFO("case: ", std::string(what));
-  auto child = device(bytes);
-  std::string message;
-  try {
-    run(open_vdi(child, {.read_only = read_only}));
-    FAIL_CHECK("opened, but must be refused with \"", fragment, "\"");
-    return;
-  } catch (const Error& e) {
-    message = e.what();
-    CHECK_MESSAGE(e.errc() == code, message);
-  } catch (const std::exception& e) {
-    FAIL_CHECK("threw something else than backends::Error: ", e.what());
-    return;
-  }
-  CHECK_MESSAGE(message.starts_with("vdi: disk.vdi: "), message);
-  CHECK_MESSAGE(message.find(fragment) != std::string::npos, message, " lacks ", fragment);
-  CHECK_MESSAGE(seen().insert(message).second, "a second case refused with: ", message);
-  CHECK(child->largest_read() <= std::max<uint64_t>(bytes.size(), 512));
+  imagenbd::test::check_refused(
+      what, device(bytes), code, fragment, "vdi: disk.vdi: ", std::max<uint64_t>(bytes.size(), 512),
+      seen(), [&](DevicePtr c) { run(open_vdi(std::move(c), {.read_only = read_only})); });
 }
 
 void invalid(const char* what, const Bytes& bytes, std::string_view fragment,

@@ -25,6 +25,7 @@
 #include "formats/vhd.hpp"
 #include "formats/vhd_layout.hpp"
 #include "tests/unit/support/bounds_checked_device.hpp"
+#include "tests/unit/support/refusal.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
@@ -175,24 +176,9 @@ std::set<std::string>& seen() {
 // "vhd: disk.vhd: " followed by text containing `fragment`.
 void refused(const char* what, const Bytes& bytes, std::errc code, std::string_view fragment,
              VhdOptions options = {}) {
-  INFO("case: ", std::string(what));
-  auto child = device(bytes);
-  std::string message;
-  try {
-    run(open_vhd(child, options));
-    FAIL_CHECK("opened, but must be refused with \"", fragment, "\"");
-    return;
-  } catch (const Error& e) {
-    message = e.what();
-    CHECK_MESSAGE(e.errc() == code, message);
-  } catch (const std::exception& e) {
-    FAIL_CHECK("threw something else than backends::Error: ", e.what());
-    return;
-  }
-  CHECK_MESSAGE(message.starts_with("vhd: disk.vhd: "), message);
-  CHECK_MESSAGE(message.find(fragment) != std::string::npos, message, " lacks ", fragment);
-  CHECK_MESSAGE(seen().insert(message).second, "a second case refused with: ", message);
-  CHECK(child->largest_read() <= std::max<uint64_t>(bytes.size(), 1024));
+  imagenbd::test::check_refused(what, device(bytes), code, fragment, "vhd: disk.vhd: ",
+                                std::max<uint64_t>(bytes.size(), 1024), seen(),
+                                [&](DevicePtr c) { run(open_vhd(std::move(c), options)); });
 }
 
 void invalid(const char* what, const Bytes& bytes, std::string_view fragment,
