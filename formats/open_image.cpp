@@ -79,19 +79,23 @@ Format probe_format(std::span<const std::byte> head, std::span<const std::byte> 
   return Format::raw;
 }
 
+asio::awaitable<Format> probe_device(backends::BlockDevice& child) {
+  // Images shorter than 512 bytes are read whole, as head and as tail.
+  const uint64_t size = child.size();
+  const std::size_t length = static_cast<std::size_t>(std::min(size, probe_bytes));
+  std::vector<std::byte> head(length), tail(length);
+  if (length > 0) {
+    co_await child.read(0, head);
+    co_await child.read(size - length, tail);
+  }
+  co_return probe_format(head, tail);
+}
+
 asio::awaitable<DevicePtr> open_image(DevicePtr child, ImageOptions options) {
   Format format = options.format;
   const bool probed = format == Format::automatic;
   if (probed) {
-    // Images shorter than 512 bytes are read whole, as head and as tail.
-    const uint64_t size = child->size();
-    const std::size_t length = static_cast<std::size_t>(std::min(size, probe_bytes));
-    std::vector<std::byte> head(length), tail(length);
-    if (length > 0) {
-      co_await child->read(0, head);
-      co_await child->read(size - length, tail);
-    }
-    format = probe_format(head, tail);
+    format = co_await probe_device(*child);
     log::debug("open_image: {}: probed format {}", child->describe(), format_name(format));
   }
   if (format == Format::raw) {

@@ -36,6 +36,10 @@ struct ImageOptions {
 // 0x40. Anything else is raw. Never returns automatic.
 Format probe_format(std::span<const std::byte> head, std::span<const std::byte> tail);
 
+// Reads up to 512 bytes at each end of `child` (the whole of a shorter image, as head and
+// as tail) and returns probe_format of them.
+asio::awaitable<Format> probe_device(backends::BlockDevice& child);
+
 // Reads the head and tail of child, probes unless options.format names the format, and
 // returns the format layer. Probed raw images are opened with RawOptions::probed.
 // @throws backends::Error: child read errors, the format's open errors (open_vhd, open_vdi), or

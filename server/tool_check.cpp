@@ -1,7 +1,6 @@
 // `imagenbd check`: see tool_check.hpp.
 #include "server/tool_check.hpp"
 
-
 #include <array>
 #include <cstdio>
 #include <vector>
@@ -24,16 +23,7 @@ namespace asio = boost::asio;
 
 asio::awaitable<formats::CheckReport> check(std::string path, formats::Format format) {
   backends::DevicePtr file = backends::open_file(path, {.read_only = true});
-  if (format == formats::Format::automatic) {
-    const uint64_t size = file->size();
-    const auto n = static_cast<std::size_t>(std::min<uint64_t>(size, 512));
-    std::array<std::byte, 512> head{}, tail{};
-    if (n > 0) {
-      co_await file->read(0, std::span(head).first(n));
-      co_await file->read(size - n, std::span(tail).first(n));
-    }
-    format = formats::probe_format(std::span(head).first(n), std::span(tail).first(n));
-  }
+  if (format == formats::Format::automatic) format = co_await formats::probe_device(*file);
   const formats::ParentFinder finder = local_parent_finder();
   formats::CheckOptions options;
   options.parents.finder = &finder;

@@ -218,13 +218,7 @@ asio::awaitable<ImageInfo> gather(std::string path, formats::Format format) {
   info.parents = co_await parent_chain(*file, opened);
   if (!refusal.empty()) {
     info.not_served = refusal;
-    if (format == formats::Format::automatic) {
-      std::array<std::byte, 512> head{}, tail{};
-      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(file->size(), 512));
-      co_await file->read(0, std::span(head).first(n));
-      co_await file->read(file->size() - n, std::span(tail).first(n));
-      format = formats::probe_format(std::span(head).first(n), std::span(tail).first(n));
-    }
+    if (format == formats::Format::automatic) format = co_await formats::probe_device(*file);
     info.format = formats::format_name(format);
   }
   if (info.format == "vhd") co_await gather_vhd(*file, info);
