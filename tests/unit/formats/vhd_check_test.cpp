@@ -14,9 +14,11 @@
 #include "formats/vhd.hpp"
 #include "formats/vhd_layout.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/vhd_helpers.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
+using imagenbd::test::dynamic_vhd;
 using imagenbd::test::run;
 namespace vhd = imagenbd::formats::vhd;
 
@@ -24,30 +26,6 @@ namespace {
 
 constexpr uint64_t MiB = 1 << 20;
 constexpr uint64_t bat_offset = 1536;
-
-// A dynamic VHD laid out as qemu does (footer copy, header at 512, BAT at 1536, footer).
-DevicePtr dynamic_vhd(uint64_t size, uint32_t block_size = 2 * MiB) {
-  vhd::Footer f;
-  f.disk_type = static_cast<uint32_t>(vhd::DiskType::dynamic);
-  f.data_offset = 512;
-  f.current_size = f.original_size = size;
-  f.geometry = vhd::max_geometry;
-  vhd::DynamicHeader h;
-  h.table_offset = bat_offset;
-  h.block_size = block_size;
-  h.max_table_entries = static_cast<uint32_t>((size + block_size - 1) / block_size);
-  const uint64_t bat_bytes = (uint64_t{h.max_table_entries} * 4 + 511) / 512 * 512;
-  auto m = open_memory(bat_offset + bat_bytes + 512, "disk.vhd");
-  const auto fb = vhd::encode_footer(f);
-  const auto hb = vhd::encode_dynamic_header(h);
-  run(m->write(0, fb, {}));
-  run(m->write(512, hb, {}));
-  run(m->write(
-      bat_offset,
-      vhd::encode_bat(std::vector<uint32_t>(h.max_table_entries, vhd::bat_unused), bat_bytes), {}));
-  run(m->write(bat_offset + bat_bytes, fb, {}));
-  return m;
-}
 
 void write_through(DevicePtr file, uint64_t offset, std::size_t length, uint8_t value) {
   auto disk = run(open_vhd(file, {}));

@@ -17,9 +17,11 @@
 #include "tests/unit/support/faulty_device.hpp"
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/vhd_helpers.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
+using imagenbd::test::dynamic_vhd;
 using imagenbd::test::FaultyDevice;
 using imagenbd::test::run;
 namespace vhd = imagenbd::formats::vhd;
@@ -31,27 +33,6 @@ namespace {
 
 constexpr uint64_t MiB = 1 << 20;
 using Bytes = std::vector<std::byte>;
-
-DevicePtr dynamic_vhd(uint64_t size, uint32_t block_size = 2 * MiB) {
-  vhd::Footer f;
-  f.disk_type = static_cast<uint32_t>(vhd::DiskType::dynamic);
-  f.data_offset = 512;
-  f.current_size = f.original_size = size;
-  f.geometry = vhd::max_geometry;
-  vhd::DynamicHeader h;
-  h.table_offset = 1536;
-  h.block_size = block_size;
-  h.max_table_entries = static_cast<uint32_t>((size + block_size - 1) / block_size);
-  const uint64_t bat_bytes = (uint64_t{h.max_table_entries} * 4 + 511) / 512 * 512;
-  auto m = open_memory(1536 + bat_bytes + 512, "disk.vhd");
-  run(m->write(0, vhd::encode_footer(f), {}));
-  run(m->write(512, vhd::encode_dynamic_header(h), {}));
-  run(m->write(
-      1536, vhd::encode_bat(std::vector<uint32_t>(h.max_table_entries, vhd::bat_unused), bat_bytes),
-      {}));
-  run(m->write(1536 + bat_bytes, vhd::encode_footer(f), {}));
-  return m;
-}
 
 DevicePtr fixed_vhd(uint64_t size) {
   vhd::Footer f;
