@@ -14,6 +14,7 @@
 #include "formats/vdi.hpp"
 #include "formats/vdi_check.hpp"
 #include "formats/vdi_layout.hpp"
+#include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/faulty_device.hpp"
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
@@ -21,6 +22,7 @@
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
+using imagenbd::test::copy_of;
 using imagenbd::test::FaultyDevice;
 using imagenbd::test::header_of;
 using imagenbd::test::new_vdi;
@@ -51,14 +53,6 @@ Bytes read_at(DevicePtr file, uint64_t offset, std::size_t n) {
 
 uint64_t disk_size(DevicePtr file) {
   return run(open_vdi(file, {.read_only = true}))->size();
-}
-
-DevicePtr copy_of(BlockDevice& from) {
-  auto to = open_memory(from.size(), from.describe());
-  Bytes all(from.size());
-  run(from.read(0, all));
-  run(to->write(0, all, {}));
-  return to;
 }
 
 }  // namespace

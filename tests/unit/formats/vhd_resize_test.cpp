@@ -14,6 +14,7 @@
 #include "formats/vhd.hpp"
 #include "formats/vhd_check.hpp"
 #include "formats/vhd_layout.hpp"
+#include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/faulty_device.hpp"
 #include "tests/unit/support/image_helpers.hpp"
 #include "tests/unit/support/run.hpp"
@@ -22,6 +23,7 @@
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
 using imagenbd::test::dynamic_vhd;
+using imagenbd::test::copy_of;
 using imagenbd::test::FaultyDevice;
 using imagenbd::test::run;
 namespace vhd = imagenbd::formats::vhd;
@@ -58,14 +60,6 @@ Bytes read_at(DevicePtr file, uint64_t offset, std::size_t n) {
 
 uint64_t disk_size(DevicePtr file) {
   return run(open_vhd(file, {.read_only = true}))->size();
-}
-
-DevicePtr copy_of(BlockDevice& from) {
-  auto to = open_memory(from.size(), from.describe());
-  Bytes all(from.size());
-  run(from.read(0, all));
-  run(to->write(0, all, {}));
-  return to;
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Small helpers shared by the layer tests: bytes from text, a synchronous read, and the
-// backends::Error a call throws.
+// Small helpers shared by the layer tests: bytes from text, a synchronous read, a copy of a
+// device in memory, and the backends::Error a call throws.
 #pragma once
 
 #include <cstddef>
@@ -12,6 +12,7 @@
 
 #include "backends/block_device.hpp"
 #include "backends/error.hpp"
+#include "backends/memory.hpp"
 #include "tests/unit/support/run.hpp"
 
 namespace imagenbd::test {
@@ -27,6 +28,15 @@ inline std::vector<std::byte> read(backends::BlockDevice& d, uint64_t offset, st
   std::vector<std::byte> v(n, std::byte{0xee});
   run(d.read(offset, v));
   return v;
+}
+
+// A memory device holding a copy of `from`'s bytes, with the same label.
+inline backends::DevicePtr copy_of(backends::BlockDevice& from) {
+  auto to = backends::open_memory(from.size(), from.describe());
+  std::vector<std::byte> all(from.size());
+  run(from.read(0, all));
+  run(to->write(0, all, {}));
+  return to;
 }
 
 // The backends::Error fn() throws; fails the test if it throws nothing.
