@@ -55,10 +55,13 @@ asio::awaitable<void> resize_fixed(backends::BlockDevice& file, const std::strin
   f.geometry = vhd::geometry_to_record(new_size);
   const auto footer = vhd::encode_footer(f);
   if (new_size > old_size) {
-    // The file grows first: between the resize and the footer write the file ends in zeroes
-    // (a fixed disk keeps no copy of its footer); the old one is still at old_size then.
-    if (new_size + footer_size > file_size) co_await file.resize(new_size + footer_size);
-    co_await write_footer(file, new_size, footer);
+    // The file grows with its new footer in one step (a fixed disk keeps no copy of its
+    // footer, so it must always end in one); the old one is still at old_size then.
+    if (new_size + footer_size > file_size) {
+      co_await file.grow(new_size + footer_size, footer);
+    } else {
+      co_await write_footer(file, new_size, footer);
+    }
     co_await file.flush();
     // The old footer and whatever lay between the data and it become disk bytes: zeroes.
     const uint64_t stale_end = std::min(new_size, file_size);

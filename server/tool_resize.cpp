@@ -146,9 +146,9 @@ Shrinking needs --shrink. Dynamic VHD and VDI images refuse it while a block pas
 end is allocated (the message names the first one); fixed VHD, static VDI and raw images
 lose the data past the new end (a warning says how much).
 
-Every step is ordered so that a crash leaves a readable image of the old size (at worst
-with leaked space that 'imagenbd check' reports), except that a fixed VHD grows its file
-before it writes its new footer (the old footer is then still at the old end).
+Every step is ordered so that a crash leaves a readable image (at worst with leaked
+space that 'imagenbd check' reports); a fixed VHD grows its file and writes its new
+footer in one write.
 
 Options:
   -f, --format=FMT   raw, vhd (or vpc), vdi; default: probe
