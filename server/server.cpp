@@ -20,6 +20,7 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include "backends/log.hpp"
+#include "server/service_notify.hpp"
 
 namespace imagenbd::server {
 
@@ -80,6 +81,8 @@ void Server::run() {
     }
     log::notice("signal {} received: stopping (finishing {} connection(s))", signo,
                 session_count_.load());
+    notify_service_manager(fmt::format("STOPPING=1\nSTATUS=stopping: finishing {} connection(s)",
+                                       session_count_.load()));
     stop();
     signals.async_wait(on_signal);
   };
@@ -112,6 +115,9 @@ void Server::run() {
     threads_.emplace_back([ctx = w.get()] { ctx->run(); });
   }
   ::pthread_sigmask(SIG_UNBLOCK, &stop_signals, nullptr);
+  // Listening and the pid file written: systemd (Type=notify) may start what depends on us.
+  notify_service_manager(fmt::format("READY=1\nMAINPID={}\nSTATUS=serving on {} listener(s)",
+                                     ::getpid(), listeners_.size()));
 
   for (auto& l : listeners_) {
     asio::co_spawn(main_, accept_loop(*l), [label = l->label](std::exception_ptr ep) {
