@@ -246,12 +246,21 @@ asio::awaitable<DevicePtr> open_parent(backends::BlockDevice& child, const std::
     if (!l.path) tried.push_back(fmt::format("locator {}: {}", l.index, l.problem));
   }
   for (const auto& candidate : candidates) {
-    DevicePtr device = co_await chain.finder->open(candidate.name);
+    DevicePtr device;
     std::string refusal;
     std::optional<vhd::Footer> parent_footer;
+    try {
+      device = co_await chain.finder->open(candidate.name);
+      if (device) parent_footer = co_await peek_footer(*device);
+    } catch (const backends::Error& e) {
+      // A locator naming an unreadable file is no reason to stop; an unreadable --parent is.
+      if (explicit_parent) throw;
+      tried.push_back(fmt::format("{} ({}): {}", candidate.name, candidate.source, e.what()));
+      continue;
+    }
     if (!device) {
       refusal = "not found";
-    } else if (!(parent_footer = co_await peek_footer(*device))) {
+    } else if (!parent_footer) {
       refusal = "not a VHD";
     } else if (parent_footer->unique_id != header.parent_unique_id) {
       refusal = fmt::format("unique id {}", parent_footer->unique_id.to_string());

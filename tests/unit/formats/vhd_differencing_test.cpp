@@ -511,6 +511,24 @@ TEST_CASE("vhd differencing: refusals name what was tried") {
           "09090909-0909-0909-0909-090909090909; d/base.vhd (the header's parent name): not "
           "found");
   }
+  SUBCASE("an unreadable candidate is skipped, an unreadable --parent is an error") {
+    store.add("d/c.vhd", empty_vhd(size, 64 * KiB, id(2), id(1),
+                                   {{platform::w2ru, utf16le(u".\\locked.vhd")}}, "base.vhd"));
+    const auto open = store.finder.open;
+    store.finder.open = [&](const std::string& name) -> boost::asio::awaitable<DevicePtr> {
+      if (name == "d/locked.vhd") {
+        imagenbd::backends::fail(std::errc::permission_denied, "file: {}: Permission denied", name);
+      }
+      co_return co_await open(name);
+    };
+    CHECK(store.open("d/c.vhd")->size() == size);  // locked.vhd skipped, base.vhd taken
+    store.files.erase("d/base.vhd");
+    CHECK(std::string(error_of([&] { store.open("d/c.vhd"); }).what())
+              .find("d/locked.vhd (W2ru locator 0): file: d/locked.vhd: Permission denied; ") !=
+          std::string::npos);
+    store.finder.explicit_parent = "d/locked.vhd";
+    CHECK(error_of([&] { store.open("d/c.vhd"); }).errc() == std::errc::permission_denied);
+  }
   SUBCASE("not a VHD") {
     store.add("d/raw.img", Bytes(4096));
     store.add("d/c.vhd", empty_vhd(size, 64 * KiB, id(2), id(1), {}, "raw.img"));
