@@ -6,6 +6,7 @@
 // detection and a depth limit.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <functional>
 #include <string>
@@ -43,6 +44,17 @@ struct ParentFinder {
 struct ParentChain {
   const ParentFinder* finder = nullptr;  // null: differencing images are refused (EINVAL)
   std::vector<std::string> names;
+
+  // True when `name` is already in the chain (a parent loop).
+  bool contains(const std::string& name) const {
+    return std::find(names.begin(), names.end(), name) != names.end();
+  }
+  // "a.vhd -> b.vhd -> name": the chain so far and `name`, for loop and depth messages.
+  std::string text(const std::string& name) const {
+    std::string out;
+    for (const auto& n : names) out += n + " -> ";
+    return out + name;
+  }
 };
 
 }  // namespace imagenbd::formats

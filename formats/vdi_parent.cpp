@@ -41,17 +41,7 @@ boost::asio::awaitable<Candidate> examine(const ParentFinder& finder, const std:
   co_return c;
 }
 
-bool contains(const std::vector<std::string>& names, const std::string& name) {
-  return std::find(names.begin(), names.end(), name) != names.end();
-}
-
 }  // namespace
-
-std::string chain_text(const std::vector<std::string>& names, const std::string& name) {
-  std::string out;
-  for (const auto& n : names) out += n + " -> ";
-  return out + name;
-}
 
 boost::asio::awaitable<FoundParent> find_parent(backends::BlockDevice& child, const Header& header,
                                                 const ParentChain& chain) {
@@ -66,7 +56,7 @@ boost::asio::awaitable<FoundParent> find_parent(backends::BlockDevice& child, co
   if (chain.names.size() >= max_parent_depth) {
     backends::fail(std::errc::invalid_argument,
                    "vdi: {}: the parent chain is deeper than {} images (a loop?): {}", self,
-                   max_parent_depth, chain_text(chain.names, self));
+                   max_parent_depth, chain.text(self));
   }
   const ParentFinder& finder = *chain.finder;
   const bool explicit_parent = chain.names.empty() && !finder.explicit_parent.empty();
@@ -110,10 +100,10 @@ boost::asio::awaitable<FoundParent> find_parent(backends::BlockDevice& child, co
       continue;
     }
     const std::string parent_name = device->describe();
-    if (parent_name == self || contains(chain.names, parent_name) ||
+    if (parent_name == self || chain.contains(parent_name) ||
         h->uuid_create == header.uuid_create) {
       backends::fail(std::errc::invalid_argument, "vdi: {}: parent loop: {} -> {}", self,
-                     chain_text(chain.names, self), parent_name);
+                     chain.text(self), parent_name);
     }
     matches.push_back({std::move(device), *h, explicit_parent ? "--parent" : "same directory"});
   }

@@ -31,7 +31,4 @@ struct FoundParent {
 boost::asio::awaitable<FoundParent> find_parent(backends::BlockDevice& child, const Header& header,
                                                 const ParentChain& chain);
 
-// "a.vdi -> b.vdi -> c.vdi": the chain so far and `name`, for loop and depth messages.
-std::string chain_text(const std::vector<std::string>& names, const std::string& name);
-
 }  // namespace imagenbd::formats::vdi

@@ -191,13 +191,6 @@ asio::awaitable<std::optional<vhd::Footer>> peek_footer(backends::BlockDevice& c
   co_return std::nullopt;
 }
 
-// "a.vhd -> b.vhd -> c.vhd": the chain so far and `path`, for loop and depth messages.
-std::string chain_text(const std::vector<std::string>& names, const std::string& path) {
-  std::string out;
-  for (const auto& n : names) out += n + " -> ";
-  return out + path;
-}
-
 // The parent of the differencing disk `path` (formats.md §1.8): the first candidate whose
 // footer unique id is the header's parent_unique_id, opened read-only with the rest of its
 // chain, and as large as the child.
@@ -216,7 +209,7 @@ asio::awaitable<DevicePtr> open_parent(backends::BlockDevice& child, const std::
   if (chain.names.size() >= max_parent_depth) {
     backends::fail(std::errc::invalid_argument,
                    "vhd: {}: the parent chain is deeper than {} images (a loop?): {}", path,
-                   max_parent_depth, chain_text(chain.names, path));
+                   max_parent_depth, chain.text(path));
   }
   // The locators' data: check_dynamic_header placed it inside the file.
   std::vector<vhd::DecodedLocator> locators;
@@ -276,13 +269,11 @@ asio::awaitable<DevicePtr> open_parent(backends::BlockDevice& child, const std::
       continue;
     }
     const std::string parent_path = device->describe();
-    const bool loop =
-        parent_path == path ||
-        std::find(chain.names.begin(), chain.names.end(), parent_path) != chain.names.end() ||
-        parent_footer->unique_id == footer.unique_id;
+    const bool loop = parent_path == path || chain.contains(parent_path) ||
+                      parent_footer->unique_id == footer.unique_id;
     if (loop) {
       backends::fail(std::errc::invalid_argument, "vhd: {}: parent loop: {} -> {}", path,
-                     chain_text(chain.names, path), parent_path);
+                     chain.text(path), parent_path);
     }
     if (parent_footer->timestamp != header.parent_timestamp) {
       log::warn(
@@ -309,7 +300,7 @@ asio::awaitable<DevicePtr> open_parent(backends::BlockDevice& child, const std::
   for (const auto& t : tried) list += (list.empty() ? "" : "; ") + t;
   // Deep in a chain, say which image was being served.
   const std::string chain_note =
-      chain.names.empty() ? "" : fmt::format(" (chain: {})", chain_text(chain.names, path));
+      chain.names.empty() ? "" : fmt::format(" (chain: {})", chain.text(path));
   backends::fail(std::errc::no_such_file_or_directory,
                  "vhd: {}: parent not found: wanted unique id {} (name \"{}\"); tried: {}{}", path,
                  wanted, recorded, list.empty() ? "nothing (no locator and no name)" : list,
