@@ -106,6 +106,11 @@ class BlockDevice {
   // with its tail, never a longer file without it: a VHD keeps its footer last this way.
   // The default resizes, then writes. Same concurrency rules as resize().
   virtual asio::awaitable<void> grow(uint64_t new_size, std::span<const std::byte> tail);
+
+  // Gives back what the device holds outside this process (a blob lease) at a clean stop,
+  // after the last flush; no I/O follows. Called on the leaf by whoever opened it (an
+  // export), not forwarded by formats. The default has nothing to give back.
+  virtual asio::awaitable<void> close();
 };
 
 inline asio::awaitable<void> BlockDevice::resize(uint64_t new_size) {
@@ -118,6 +123,8 @@ inline asio::awaitable<void> BlockDevice::grow(uint64_t new_size, std::span<cons
   co_await resize(new_size);
   co_await write(new_size - tail.size(), tail, {});
 }
+
+inline asio::awaitable<void> BlockDevice::close() { co_return; }
 
 using DevicePtr = std::shared_ptr<BlockDevice>;
 

@@ -3,7 +3,8 @@
 # what is missing, so running it again is cheap. Usage: scripts/install-deps.sh [build|test]
 set -euo pipefail
 
-build_packages=(cmake ninja-build g++ ccache libboost-dev libfmt-dev doctest-dev)
+build_packages=(cmake ninja-build g++ ccache libboost-dev libfmt-dev doctest-dev
+  libcurl4-openssl-dev libssl-dev libpugixml-dev)
 # The real NBD clients the tests drive, and the peers the benchmarks compare against.
 test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs libvhdi-utils)
 

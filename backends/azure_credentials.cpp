@@ -1,0 +1,1 @@
+#include "backends/azure_credentials.hpp"

@@ -1,0 +1,1 @@
+// azure_lease: written by its owner

@@ -1,0 +1,1 @@
+#include "backends/http_client.hpp"

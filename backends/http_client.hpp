@@ -1,0 +1,101 @@
+// An HTTP/1.1 client for the blob-store leaves: libcurl's multi-socket interface driven by
+// an asio io_context that runs on the client's own network thread (one curl multi handle,
+// touched only from that thread), so every caller, whatever executor it runs on, shares
+// one pool of keep-alive connections and any number of requests are in flight at once.
+// request() resumes the awaiting coroutine on its own executor. Cf. curl's
+// docs/examples/asiohiper.cpp for the wiring (without its globals).
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>  // before asio: Boost 1.74's awaitable.hpp uses std::exchange
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include "backends/error.hpp"
+
+namespace imagenbd::backends::http {
+
+namespace asio = boost::asio;
+
+struct Header {
+  std::string name;
+  std::string value;
+};
+
+struct Request {
+  std::string method = "GET";  // GET, HEAD, PUT, DELETE
+  std::string url;             // full URL, already percent-encoded
+  // Sent as given. The client always sends Content-Length (0 for an empty body) and never
+  // adds Content-Type, Expect or Accept-Encoding of its own.
+  std::vector<Header> headers;
+  // The request body; the caller keeps it alive until request() returns.
+  std::span<const std::byte> body;
+  // When non-empty, the response body is written here instead of Response::body (straight
+  // from curl's buffer, one copy); a body longer than into.size() fails with EIO.
+  std::span<std::byte> into;
+  // Whole-request timeout (connect + transfer). A stalled transfer also fails after it.
+  std::chrono::milliseconds timeout{30000};
+};
+
+struct Response {
+  long status = 0;
+  std::vector<Header> headers;  // names lowercased, in the order received (last response only)
+  std::string body;             // unless Request::into was given
+  std::size_t body_size = 0;    // bytes of body received, wherever they went
+  // The first header with this (lowercase) name, or nullptr.
+  const std::string* header(std::string_view lowercase_name) const;
+};
+
+// A request that got no HTTP response: connection refused or reset, timeout, DNS, TLS.
+// errc: timed_out, connection_refused, connection_reset, host_unreachable, or io_error.
+// transient() says whether trying again may help (everything but TLS verification and
+// malformed URLs).
+class TransportError : public Error {
+ public:
+  TransportError(std::errc code, std::string message, bool transient)
+      : Error(code, std::move(message)), transient_(transient) {}
+  bool transient() const noexcept { return transient_; }
+
+ private:
+  bool transient_;
+};
+
+struct ClientOptions {
+  bool verify_tls = true;                           // CURLOPT_SSL_VERIFYPEER/HOST
+  std::chrono::milliseconds connect_timeout{10000};  // CURLOPT_CONNECTTIMEOUT_MS
+  long max_host_connections = 64;                   // CURLMOPT_MAX_HOST_CONNECTIONS
+};
+
+class Client {
+ public:
+  explicit Client(const ClientOptions& options = {});
+  ~Client();  // stops the network thread; requests still running fail
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // The process-wide client, started on first use (never destroyed: its thread may still
+  // be finishing a request while static destructors run).
+  static Client& shared();
+
+  // Performs one request. Throws TransportError when no response arrived; any HTTP status
+  // is returned, not thrown (the caller maps it, see http_status.hpp).
+  // @par Thread Safety: callable from any thread and executor, concurrently.
+  asio::awaitable<Response> request(Request request);
+
+  // The executor of the network thread, for background work that must outlive a caller's
+  // io_context (lease renewal).
+  asio::any_io_executor executor();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace imagenbd::backends::http

@@ -1,0 +1,1 @@
+#include "backends/http_status.hpp"

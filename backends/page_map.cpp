@@ -1,0 +1,1 @@
+#include "backends/page_map.hpp"

@@ -1,0 +1,1 @@
+// tool_blob: written by its owner

@@ -1,0 +1,1 @@
+// tool_download: written by its owner

@@ -1,0 +1,1 @@
+// tool_upload: written by its owner
