@@ -69,6 +69,7 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
   auto e = std::make_shared<Export>();
   e->name = spec.name;
   e->description = spec.description;
+  e->leaf = leaf;
   // Parents are opened now, once per export; the finder is not needed afterwards.
   const formats::ParentFinder parents = local_parent_finder(spec.parent);
   e->device = co_await formats::open_image(leaf, {.format = spec.format,

@@ -33,6 +33,8 @@ struct Export {
   std::string name;
   std::string description;
   backends::DevicePtr device;
+  // The bottom of the stack, closed at a clean stop (gives back a blob lease).
+  backends::DevicePtr leaf;
 
   // Transmission flags and block sizes, derived from the stack's capabilities: we only
   // advertise what the stack really does.

@@ -19,6 +19,7 @@
 #include "server/exports.hpp"
 #include "server/server.hpp"
 #include "server/tool_common.hpp"
+#include "server/tool_blob.hpp"
 #include "server/tool_check.hpp"
 #include "server/tool_convert.hpp"
 #include "server/tool_create.hpp"
@@ -41,6 +42,15 @@ Commands:
              ('imagenbd convert --help')
   check      check an image's structure, like qemu-img check ('imagenbd check --help')
   resize     change an image's virtual size ('imagenbd resize --help')
+
+Blob storage commands (Azure; 'imagenbd COMMAND --help' for each):
+  upload     upload an image into a page blob, skipping zeroes
+  download   download a blob into a local file, leaving holes sparse
+  ls         list the blobs of a container
+  rm         delete a blob or one of its snapshots
+  snapshot   take a read-only snapshot of a blob
+  lease      acquire, renew, release or break a blob's lease
+  container  create or delete a container
 
 )",
              stdout);
@@ -104,6 +114,18 @@ int serve(int argc, char** argv) {
       return 1;
     }
   }
+  // Leases and the like go back last, once nothing will be written any more.
+  for (const auto& e : registry->all()) {
+    if (!e->leaf) continue;
+    try {
+      server::run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
+        co_await d->close();
+        co_return 0;
+      }(e->leaf));
+    } catch (const std::exception& ex) {
+      log::warn("export '{}': {}", e->name, ex.what());
+    }
+  }
   log::info("stopped");
   return 0;
 }
@@ -119,6 +141,13 @@ int main(int argc, char** argv) {
     if (first == "convert") return server::tool_convert(argc - 1, argv + 1);
     if (first == "check") return server::tool_check(argc - 1, argv + 1);
     if (first == "resize") return server::tool_resize(argc - 1, argv + 1);
+    if (first == "upload") return server::tool_upload(argc - 1, argv + 1);
+    if (first == "download") return server::tool_download(argc - 1, argv + 1);
+    if (first == "ls") return server::tool_ls(argc - 1, argv + 1);
+    if (first == "rm") return server::tool_rm(argc - 1, argv + 1);
+    if (first == "snapshot") return server::tool_snapshot(argc - 1, argv + 1);
+    if (first == "lease") return server::tool_lease(argc - 1, argv + 1);
+    if (first == "container") return server::tool_container(argc - 1, argv + 1);
     if (first == "-h" || first == "--help" || first == "help") {
       print_main_help();
       return 0;
