@@ -11,21 +11,37 @@ test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs
 packages=("${build_packages[@]}")
 if [[ "${1:-build}" == test ]]; then packages+=("${test_packages[@]}"); fi
 
+# The Azure tests run against Azurite (npm), pinned to the version formats.md §3.10 was
+# verified on. It needs node and npm; Debian's nodejs 18 runs it (its "engines" asks for 22,
+# which npm only warns about), so Debian's are installed only when there is no npm at all.
+azurite_version=3.37.0
+need_azurite=0
+if [[ "${1:-build}" == test ]] && ! command -v azurite-blob >/dev/null 2>&1; then
+  need_azurite=1
+  if ! command -v npm >/dev/null 2>&1; then packages+=(nodejs npm); fi
+fi
+
 missing=()
 for p in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
     missing+=("$p")
   fi
 done
-if ((${#missing[@]} == 0)); then
+if ((${#missing[@]} == 0 && need_azurite == 0)); then
   exit 0
 fi
 
-echo "imagenbd: installing ${missing[*]}" >&2
 sudo=()
 if ((EUID != 0)); then sudo=(sudo); fi
-export DEBIAN_FRONTEND=noninteractive
-# Another apt may hold the lock (unattended upgrades): wait for it rather than fail.
-apt_opts=(-o DPkg::Lock::Timeout=300)
-"${sudo[@]}" apt-get "${apt_opts[@]}" update -qq
-"${sudo[@]}" apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}"
+if ((${#missing[@]} > 0)); then
+  echo "imagenbd: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  # Another apt may hold the lock (unattended upgrades): wait for it rather than fail.
+  apt_opts=(-o DPkg::Lock::Timeout=300)
+  "${sudo[@]}" apt-get "${apt_opts[@]}" update -qq
+  "${sudo[@]}" apt-get "${apt_opts[@]}" install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if ((need_azurite)); then
+  echo "imagenbd: installing azurite@$azurite_version (npm install -g)" >&2
+  "${sudo[@]}" npm install -g --no-fund --no-audit --loglevel=error "azurite@$azurite_version"
+fi

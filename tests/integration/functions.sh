@@ -436,3 +436,171 @@ both ()   # NAME [-o QEMU-IO-OPTIONS --] COMMANDS...
         fi
     done
 }
+
+# ---------------------------------------------------------------------------
+# Azure: an Azurite blob service of this test's own (formats.md §3.10)
+#
+#   start_azurite                  # free loopback port, data in $tmpdir/azurite
+#   "$IMAGENBD" upload "$tmpdir/disk.img" "$(az_uri disk.img)"
+#   start_imagenbd "$(az_uri disk.img)"
+#
+# start_azurite sets azure_port, azure_location, azure_container (created, fresh for this
+# test) and exports AZURE_STORAGE_CONNECTION_STRING. stop_azurite / restart_azurite stop it
+# and start it again on the same port with the same data (the fault tests); the test's
+# cleanup stops it in any case.
+
+# Azurite's well-known development account (not a secret: it is in Microsoft's docs).
+azure_account=devstoreaccount1
+azure_key='Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=='
+azurite_pid=
+azurite_log=
+
+# azure_connection_string PORT: the connection string for a blob endpoint on 127.0.0.1:PORT
+# (Azurite itself, or fault_proxy.py in front of it).
+azure_connection_string ()
+{
+    echo "DefaultEndpointsProtocol=http;AccountName=$azure_account;AccountKey=$azure_key;BlobEndpoint=http://127.0.0.1:$1/$azure_account;"
+}
+
+# _azurite_launch: start azurite-blob on $azure_port with $azure_location and wait (up to
+# 30 s) until it answers HTTP.
+_azurite_launch ()
+{
+    local i n=$(( ${_azurite_starts:-0} + 1 ))
+    _azurite_starts=$n
+    mkdir -p "$azure_location"
+    azurite_log=$tmpdir/azurite-$n.log
+    echo "$test_name: starting azurite-blob on 127.0.0.1:$azure_port ($azure_location)" >&2
+    azurite-blob --blobHost 127.0.0.1 --blobPort "$azure_port" --location "$azure_location" \
+        --skipApiVersionCheck --loose --disableTelemetry </dev/null >"$azurite_log" 2>&1 &
+    azurite_pid=$!
+    for (( i = 0; i < 300; ++i )); do
+        _alive "$azurite_pid" || { cat "$azurite_log" >&2; fail "azurite-blob exited at start"; }
+        # Any HTTP answer will do (an unsigned request gets an error status).
+        if py3 - "$azure_port" <<'PY' 2>/dev/null
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2)
+c.request("GET", "/devstoreaccount1?comp=list")
+c.getresponse().read()
+PY
+        then
+            return 0
+        fi
+        sleep 0.1
+    done
+    cat "$azurite_log" >&2
+    fail "azurite-blob did not answer on port $azure_port within 30 s"
+}
+
+# start_azurite [--location DIR]: start Azurite and create this test's container.
+start_azurite ()
+{
+    requires azurite-blob
+    azure_location=$tmpdir/azurite
+    if [ "${1:-}" = --location ]; then azure_location=$2; fi
+    azure_port=$(free_port)
+    _azurite_launch
+    cleanup_fn _azurite_cleanup
+    export AZURE_STORAGE_CONNECTION_STRING
+    AZURE_STORAGE_CONNECTION_STRING=$(azure_connection_string "$azure_port")
+    # Container names: 3..63 of [a-z0-9-], no "--", starting and ending alphanumeric.
+    azure_container=$(echo "t-$test_name-$$" | tr 'A-Z' 'a-z' | tr -c 'a-z0-9\n' - |
+                      sed -e 's/--*/-/g' | cut -c 1-63 | sed -e 's/-*$//')
+    "$IMAGENBD" container create "az://$azure_account/$azure_container" ||
+        fail "imagenbd container create az://$azure_account/$azure_container failed"
+}
+
+# stop_azurite: SIGTERM (Azurite saves its metadata database on a graceful stop, so a
+# restart keeps every acknowledged write), and wait up to 20 s.
+stop_azurite ()
+{
+    local i
+    [ -n "$azurite_pid" ] || fail "stop_azurite: Azurite is not running"
+    kill -TERM "$azurite_pid" 2>/dev/null || :
+    for (( i = 0; i < 200; ++i )); do
+        _alive "$azurite_pid" || break
+        sleep 0.1
+    done
+    if _alive "$azurite_pid"; then
+        kill -KILL "$azurite_pid" 2>/dev/null || :
+        wait "$azurite_pid" 2>/dev/null || :
+        azurite_pid=
+        fail "azurite-blob did not stop within 20 s of SIGTERM"
+    fi
+    wait "$azurite_pid" 2>/dev/null || :
+    azurite_pid=
+}
+
+# restart_azurite: start it again, same port, same data.
+restart_azurite ()
+{
+    [ -z "$azurite_pid" ] || fail "restart_azurite: Azurite is still running"
+    _azurite_launch
+}
+
+_azurite_cleanup ()
+{
+    [ -n "$azurite_pid" ] || return 0
+    kill -TERM "$azurite_pid" 2>/dev/null
+    local i
+    for (( i = 0; i < 50; ++i )); do
+        _alive "$azurite_pid" || break
+        sleep 0.1
+    done
+    kill -KILL "$azurite_pid" 2>/dev/null
+    wait "$azurite_pid" 2>/dev/null
+    azurite_pid=
+    return 0
+}
+
+# az_uri NAME: az:// URI of blob NAME in this test's container.
+az_uri ()
+{
+    echo "az://$azure_account/$azure_container/$1"
+}
+
+# az_http_uri NAME: the same blob as a path-style URL on Azurite's port.
+az_http_uri ()
+{
+    echo "http://127.0.0.1:$azure_port/$azure_account/$azure_container/$1"
+}
+
+# start_fault_proxy [FAULT_PROXY-ARGS...]: fault_proxy.py in front of this test's Azurite.
+# Sets proxy_port, proxy_pid, proxy_log, proxy_stats (JSON counts) and proxy_control (see
+# set_faults); azure_connection_string "$proxy_port" reaches Azurite through it.
+start_fault_proxy ()
+{
+    local i
+    proxy_control=$tmpdir/proxy.control
+    proxy_stats=$tmpdir/proxy.stats
+    proxy_log=$tmpdir/proxy.log
+    rm -f "$tmpdir/proxy.port"
+    : >"$proxy_control"
+    py3 "$srcdir/fault_proxy.py" --target "127.0.0.1:$azure_port" \
+        --port-file "$tmpdir/proxy.port" --control "$proxy_control" --stats "$proxy_stats" \
+        --log "$proxy_log" "$@" </dev/null >>"$proxy_log" 2>&1 &
+    proxy_pid=$!
+    cleanup_fn kill_quietly "$proxy_pid"
+    for (( i = 0; i < 100; ++i )); do
+        [ -s "$tmpdir/proxy.port" ] && break
+        _alive "$proxy_pid" || { cat "$proxy_log" >&2; fail "fault_proxy.py exited at start"; }
+        sleep 0.1
+    done
+    [ -s "$tmpdir/proxy.port" ] || fail "fault_proxy.py did not start within 10 s"
+    proxy_port=$(cat "$tmpdir/proxy.port")
+}
+
+# set_faults KEY=VALUE...: replace the proxy's faults (fail_every, reset_every, delay_ms;
+# none given: no faults). Written atomically; the proxy picks it up at its next request.
+set_faults ()
+{
+    printf '%s\n' "$@" >"$proxy_control.tmp"
+    mv "$proxy_control.tmp" "$proxy_control"
+}
+
+# proxy_count KEY: one of the proxy's counts (requests, forwarded, failed_503, resets, ...).
+proxy_count ()
+{
+    py3 -c 'import json, sys; print(json.load(open(sys.argv[1]))[sys.argv[2]])' \
+        "$proxy_stats" "$1"
+}
