@@ -24,8 +24,10 @@ std::string string_to_sign(const http::Request& request, std::string_view accoun
 // key is not base64.
 std::string hmac_sha256_base64(std::string_view key_base64, std::string_view text);
 
-// Makes a request ready to send: adds x-ms-date (from `now`) and x-ms-version, then either
-// appends the SAS to the URL (credentials.sas) or adds "Authorization: SharedKey ...".
+// Makes a request ready to send: sets x-ms-date (from `now`, replacing an earlier one) and
+// x-ms-version (unless present), then adds "Authorization: SharedKey ..." when
+// credentials.key is set (it wins over a SAS), else appends credentials.sas to the URL
+// (once: a URL that already has sig= is left alone, so re-signing a retry is safe).
 void sign(http::Request& request, const Credentials& credentials,
           std::chrono::system_clock::time_point now);
 
@@ -35,5 +37,10 @@ void sign(http::Request& request, const Credentials& credentials,
 std::string make_service_sas(const Credentials& credentials, std::string_view container,
                              std::string_view blob, std::string_view permissions,
                              std::string_view expiry, std::string_view snapshot = {});
+
+// An account SAS for the Blob service (ss=b), sv=2021-08-06: "sv=...&ss=b&srt=sco&sp=...&
+// se=...&sig=...". resource_types from "s", "c", "o". For tests and SAS URLs.
+std::string make_account_sas(const Credentials& credentials, std::string_view permissions,
+                             std::string_view resource_types, std::string_view expiry);
 
 }  // namespace imagenbd::backends::azure
