@@ -111,3 +111,71 @@ TEST_CASE("azure xml: error bodies") {
   CHECK(parse_error("").code.empty());
   CHECK(parse_error("<Error><Code>X</Code>").code.empty());  // truncated
 }
+
+// Azurite 3.37.0's answer to List Blobs with include=snapshots: a block blob, a page blob
+// snapshot, then its base blob.
+const char* const azurite_list =
+    "<?xml version=\"1.0\" encoding=\"UTF-8\" standalone=\"yes\"?><EnumerationResults "
+    "ServiceEndpoint=\"http://127.0.0.1:10417/devstoreaccount1\" "
+    "ContainerName=\"proof\"><Prefix/><Marker/><MaxResults>5000</MaxResults><Blobs>"
+    "<Blob><Name>dir/block.txt</Name>"
+    "<Properties><Creation-Time>Sat, 21 Nov 2026 11:13:27 GMT</Creation-Time><Last-Modified>Sat, "
+    "21 Nov 2026 11:13:27 GMT</Last-Modified><Etag>0x1CE843DF9F9A190</Etag>"
+    "<Content-Length>5</Content-Length><Content-Type>application/octet-stream</"
+    "Content-Type><Content-MD5>XUFAKrxLKna5cZ2REBfFkg==</Content-MD5><BlobType>BlockBlob</"
+    "BlobType><LeaseStatus>unlocked</LeaseStatus><LeaseState>available</"
+    "LeaseState><ServerEncrypted>true</ServerEncrypted><AccessTier>Hot</"
+    "AccessTier><AccessTierInferred>true</AccessTierInferred><AccessTierChangeTime>Sat, 21 Nov "
+    "2026 11:13:27 GMT</AccessTierChangeTime></Properties></Blob>"
+    "<Blob><Name>my disk\xC3\xBC.vhd</Name><Snapshot>2026-11-21T11:13:27.4770000Z</Snapshot>"
+    "<Properties><Creation-Time>Sat, 21 Nov 2026 11:13:07 GMT</Creation-Time><Last-Modified>Sat, "
+    "21 Nov 2026 11:13:21 GMT</Last-Modified><Etag>0x25FF966DB23CBA0</Etag>"
+    "<Content-Length>1048576</Content-Length><Content-Type>application/octet-stream</"
+    "Content-Type><x-ms-blob-sequence-number>0</x-ms-blob-sequence-number><BlobType>PageBlob</"
+    "BlobType><LeaseStatus>unlocked</LeaseStatus><LeaseState>available</"
+    "LeaseState><ServerEncrypted>true</ServerEncrypted></Properties></Blob>"
+    "<Blob><Name>my disk\xC3\xBC.vhd</Name>"
+    "<Properties><Creation-Time>Sat, 21 Nov 2026 11:13:07 GMT</Creation-Time><Last-Modified>Sat, "
+    "21 Nov 2026 11:13:21 GMT</Last-Modified><Etag>0x25FF966DB23CBA0</Etag>"
+    "<Content-Length>1048576</Content-Length><Content-Type>application/octet-stream</"
+    "Content-Type><x-ms-blob-sequence-number>0</x-ms-blob-sequence-number><BlobType>PageBlob</"
+    "BlobType><LeaseStatus>unlocked</LeaseStatus><LeaseState>available</"
+    "LeaseState><ServerEncrypted>true</ServerEncrypted></Properties></Blob>"
+    "</Blobs><NextMarker/></EnumerationResults>";
+
+TEST_CASE("azure xml: List Blobs as Azurite sends it") {
+  auto list = parse_blob_list(azurite_list);
+  REQUIRE(list.blobs.size() == 3);
+  CHECK(list.blobs[0].name == "dir/block.txt");
+  CHECK(list.blobs[0].blob_type == "BlockBlob");
+  CHECK(list.blobs[0].size == 5);
+  CHECK(list.blobs[0].snapshot.empty());
+  CHECK(list.blobs[1].name == "my disk\xC3\xBC.vhd");
+  CHECK(list.blobs[1].snapshot == "2026-11-21T11:13:27.4770000Z");
+  CHECK(list.blobs[1].blob_type == "PageBlob");
+  CHECK(list.blobs[1].size == 1048576);
+  CHECK(list.blobs[1].last_modified == "Sat, 21 Nov 2026 11:13:21 GMT");
+  CHECK(list.blobs[1].lease_state == "available");
+  CHECK(list.blobs[2].snapshot.empty());
+  CHECK(list.next_marker.empty());
+}
+
+TEST_CASE("azure xml: List Blobs paging, prefixes and bad entries") {
+  auto list = parse_blob_list(
+      "<EnumerationResults><Blobs><BlobPrefix><Name>dir/</Name></BlobPrefix>"
+      "<Blob><Name>a</Name><Properties><Content-Length>512</Content-Length><BlobType>PageBlob</"
+      "BlobType>"
+      "<LeaseState>leased</LeaseState></Properties></Blob></Blobs>"
+      "<NextMarker>2!80!bWFya2Vy</NextMarker></EnumerationResults>");
+  REQUIRE(list.blobs.size() == 1);
+  CHECK(list.blobs[0].lease_state == "leased");
+  CHECK(list.next_marker == "2!80!bWFya2Vy");
+  CHECK(parse_blob_list("<EnumerationResults><Blobs/></EnumerationResults>").blobs.empty());
+  CHECK(io_error_of("<EnumerationResults><Blobs><Blob><Name>a</Name><Properties><Content-Length>"
+                    "12x</Content-Length></Properties></Blob></Blobs></EnumerationResults>",
+                    false) == "azure: List Blobs: <Content-Length> is not a number: '12x'");
+  CHECK(io_error_of(
+            "<EnumerationResults><Blobs><Blob><Properties/></Blob></Blobs></EnumerationResults>",
+            false) == "azure: List Blobs: <Blob> without <Name>");
+  CHECK(io_error_of("<PageList/>", false).find("<EnumerationResults>") != std::string::npos);
+}
