@@ -43,7 +43,7 @@ class BlobError : public Error {
 
 struct BlobProperties {
   uint64_t size = 0;
-  std::string blob_type;       // "PageBlob", "BlockBlob", ...
+  std::string blob_type;  // "PageBlob", "BlockBlob", ...
   std::string etag;
   std::string last_modified;
   std::string lease_state;     // available, leased, expired, breaking, broken
@@ -64,13 +64,18 @@ class BlobClient {
 
   const BlobLocation& location() const { return where_; }
   http::Client& client() const { return client_; }
+  const http::RetryPolicy& retry_policy() const { return retry_; }
+  // The same blob with another retry policy (the lease keeper's renewals must give up
+  // before the lease would expire).
+  BlobClient with_retry(const http::RetryPolicy& retry) const {
+    return BlobClient(where_, credentials_, retry, client_);
+  }
 
   // Get Blob Properties (HEAD).
   asio::awaitable<BlobProperties> properties();
   // Ranged Get Blob into out: checks 206 and Content-Range (start, end, and total ==
   // expected_size when it is not 0), and the body length; any mismatch is EIO.
-  asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out,
-                             uint64_t expected_size = 0);
+  asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out, uint64_t expected_size = 0);
   // Put Page update: offset and data.size() multiples of 512, data.size() <= 4 MiB.
   asio::awaitable<void> put_pages(uint64_t offset, std::span<const std::byte> data,
                                   const PagePutOptions& options);
@@ -111,6 +116,17 @@ class BlobClient {
   asio::awaitable<void> delete_container();
 
  private:
+  // Signs (afresh for every attempt) and sends `request`, retried when `idempotent`; a
+  // transport failure that outlasts the retries is rethrown naming the operation.
+  asio::awaitable<http::Response> perform(std::string_view operation, const http::Request& request,
+                                          bool idempotent);
+  // Throws the BlobError for a response with an unexpected status.
+  [[noreturn]] void refuse(std::string_view operation, const http::Response& response,
+                           std::string_view body = {}) const;
+  // location().url() with the query parameters (and snapshot= for reads of a snapshot).
+  std::string blob_url(std::string_view query, bool with_snapshot) const;
+  std::string container_url(std::string_view query) const;
+
   BlobLocation where_;
   Credentials credentials_;
   http::RetryPolicy retry_;

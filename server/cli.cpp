@@ -17,6 +17,10 @@ enum LongOnly : int {
   opt_blocking_threads,
   opt_parent,
   opt_vhd_size,
+  opt_snapshot,
+  opt_force,
+  opt_lease_duration,
+  opt_retry_deadline,
 };
 
 const option long_options[] = {
@@ -33,6 +37,10 @@ const option long_options[] = {
     {"format", required_argument, nullptr, 'f'},
     {"parent", required_argument, nullptr, opt_parent},
     {"vhd-size", required_argument, nullptr, opt_vhd_size},
+    {"snapshot", optional_argument, nullptr, opt_snapshot},
+    {"force", no_argument, nullptr, opt_force},
+    {"lease-duration", required_argument, nullptr, opt_lease_duration},
+    {"retry-deadline", required_argument, nullptr, opt_retry_deadline},
     {"threads", required_argument, nullptr, opt_threads},
     {"blocking-threads", required_argument, nullptr, opt_blocking_threads},
     {"pid-file", required_argument, nullptr, opt_pid_file},
@@ -62,10 +70,11 @@ const char* serve_help() {
 
 Serve disk images over the Network Block Device protocol (NBD).
 
-IMAGE is a file or block device (optionally written file:PATH), or memory:SIZE for a
-sparse RAM disk (e.g. memory:1G). Each IMAGE becomes one export: name it with NAME=IMAGE
-or, for a single image, with -x NAME. The first export is also the default export, the
-one a client gets when it asks for the empty name.
+IMAGE is a file or block device (optionally written file:PATH), memory:SIZE for a
+sparse RAM disk (e.g. memory:1G), or an Azure page blob (see below). Each IMAGE becomes
+one export: name it with NAME=IMAGE (NAME without '/', ':' or '?') or, for a single
+image, with -x NAME. The first export is also the default export, the one a client gets
+when it asks for the empty name.
 
 Connection:
   -p, --port=PORT            TCP port to listen on (default 10809)
@@ -90,6 +99,23 @@ Exports:
                              current_size, except the CHS geometry for images made by
                              Virtual PC and old qemu), current_size, or chs
 
+Azure blob storage:
+  IMAGE may be a page blob: az://ACCOUNT/CONTAINER/BLOB,
+  https://ACCOUNT.blob.core.windows.net/CONTAINER/BLOB[?SAS], or an emulator's path-style
+  URL http://HOST:PORT/ACCOUNT/CONTAINER/BLOB[?SAS]; ?snapshot=T addresses a snapshot.
+  Credentials come from AZURE_STORAGE_CONNECTION_STRING (UseDevelopmentStorage=true for
+  Azurite), else AZURE_STORAGE_ACCOUNT with AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN,
+  or the URI's SAS. A writable export holds the blob's lease (one writer at a time);
+  -r serves the live blob without a lease (it may change underneath).
+      --snapshot[=TIMESTAMP] serve a snapshot read-only: a new one taken at start, or
+                             the existing one with that timestamp; any number of
+                             servers can serve snapshots of one blob
+      --force                break a lease held by another writer and take it over (the
+                             other writer's writes then fail)
+      --lease-duration=SECS  lease duration, 15 to 60 (default 60); renewed every third
+      --retry-deadline=SECS  retry transient faults (timeouts, resets, 5xx, throttling)
+                             of one request for this long (default 60)
+
 Server:
       --threads=NUM          I/O threads (default: one per CPU)
       --blocking-threads=NUM threads for blocking file calls (default 16)
@@ -112,6 +138,9 @@ Examples:
       nbd-client localhost 10809 /dev/nbd0 -N disk
   imagenbd serve -r -k /tmp/nbd.sock base=base.img scratch=memory:1G
       qemu-io -r -f raw 'nbd+unix:///base?socket=/tmp/nbd.sock'
+  AZURE_STORAGE_CONNECTION_STRING=UseDevelopmentStorage=true \
+    imagenbd serve -x disk az://devstoreaccount1/images/disk.vhd
+  imagenbd serve --snapshot -x disk az://myaccount/images/disk.vhd
 )";
 }
 
@@ -124,6 +153,10 @@ ServeCommand parse_serve(int argc, char** argv) {
   std::string parent;
   bool read_only = false;
   bool port_given = false;
+  std::string snapshot;
+  bool force = false;
+  int lease_duration = 60;
+  int retry_deadline = 60;
   int verbosity = 0;
 
   ::optind = 0;  // full reset: parse_serve may be called more than once (tests)
@@ -177,6 +210,22 @@ ServeCommand parse_serve(int argc, char** argv) {
         } else {
           throw UsageError("invalid --vhd-size '" + arg + "' (known: auto, current_size, chs)");
         }
+        break;
+      case opt_snapshot:
+        snapshot = arg.empty() ? "new" : arg;
+        break;
+      case opt_force:
+        force = true;
+        break;
+      case opt_lease_duration:
+        lease_duration = static_cast<int>(parse_number(arg, "--lease-duration", 60));
+        if (lease_duration < 15) {
+          throw UsageError("invalid value '" + arg +
+                           "' for --lease-duration (expected 15 to 60 seconds)");
+        }
+        break;
+      case opt_retry_deadline:
+        retry_deadline = static_cast<int>(parse_number(arg, "--retry-deadline", 86400));
         break;
       case opt_threads:
         cmd.server.threads = parse_number(arg, "--threads", 1024);
@@ -236,12 +285,16 @@ ServeCommand parse_serve(int argc, char** argv) {
   if (!parent.empty() && images.size() > 1) {
     throw UsageError("--parent applies to a single image; serve the others separately");
   }
+  if (force && (read_only || !snapshot.empty())) {
+    throw UsageError("--force takes over a writer's lease: it cannot go with " +
+                     std::string(read_only ? "--read-only" : "--snapshot"));
+  }
   for (const auto& image : images) {
     ExportSpec spec;
     auto eq = image.find('=');
-    // NAME=IMAGE, unless the '=' belongs to a path ("./a=b.img", "/x/a=b").
-    if (eq != std::string::npos && image.find('/') > eq && !image.starts_with("memory:") &&
-        !image.starts_with("file:")) {
+    // NAME=IMAGE, unless the '=' belongs to a path ("./a=b.img", "/x/a=b"), a prefix
+    // ("file:a=b", "memory:...") or a URI's query ("az://a/c/b?snapshot=T").
+    if (eq != std::string::npos && image.find_first_of("/:?") > eq) {
       spec.name = image.substr(0, eq);
       spec.image = image.substr(eq + 1);
     } else {
@@ -255,7 +308,12 @@ ServeCommand parse_serve(int argc, char** argv) {
     if (spec.name.size() > 4096) throw UsageError("export names are limited to 4096 bytes");
     spec.description = description.value_or("");
     spec.format = format;
-    spec.read_only = read_only;
+    // A snapshot cannot be written.
+    spec.read_only = read_only || !snapshot.empty();
+    spec.snapshot = snapshot;
+    spec.force = force;
+    spec.lease_duration = lease_duration;
+    spec.retry_deadline = retry_deadline;
     spec.parent = parent;
     spec.vhd_size = vhd_size;
     cmd.exports.push_back(std::move(spec));

@@ -1,8 +1,11 @@
 #include "server/exports.hpp"
 
 #include <charconv>
+#include <chrono>
 #include <stdexcept>
 
+#include "backends/azure_credentials.hpp"
+#include "backends/azure_page_blob.hpp"
 #include "backends/file.hpp"
 #include "backends/log.hpp"
 #include "backends/memory.hpp"
@@ -60,7 +63,22 @@ uint64_t parse_size(std::string_view text) {
 boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec) {
   backends::DevicePtr leaf;
   std::string_view image = spec.image;
-  if (image.starts_with("memory:")) {
+  const bool azure =
+      !image.starts_with("file:") && !image.starts_with("memory:") &&
+      backends::azure::is_azure_uri(image, backends::azure::credentials_from_environment());
+  if (!azure && (!spec.snapshot.empty() || spec.force)) {
+    throw std::invalid_argument("'" + spec.image + "': " + (spec.force ? "--force" : "--snapshot") +
+                                " applies to Azure blob URIs only");
+  }
+  if (azure) {
+    backends::AzurePageBlobOptions options;
+    options.read_only = spec.read_only;
+    options.snapshot = spec.snapshot;
+    options.force = spec.force;
+    options.lease_duration = spec.lease_duration;
+    options.retry.deadline = std::chrono::seconds(spec.retry_deadline);
+    leaf = co_await backends::open_azure_page_blob(spec.image, options);
+  } else if (image.starts_with("memory:")) {
     leaf = backends::open_memory(parse_size(image.substr(7)), spec.image);
   } else {
     if (image.starts_with("file:")) image.remove_prefix(5);
@@ -72,10 +90,11 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
   e->leaf = leaf;
   // Parents are opened now, once per export; the finder is not needed afterwards.
   const formats::ParentFinder parents = local_parent_finder(spec.parent);
-  e->device = co_await formats::open_image(leaf, {.format = spec.format,
-                                                  .read_only = spec.read_only,
-                                                  .vhd_size = spec.vhd_size,
-                                                  .parents = {.finder = &parents}});
+  e->device =
+      co_await formats::open_image(leaf, {.format = spec.format,
+                                          .read_only = spec.read_only || !leaf->caps().writable,
+                                          .vhd_size = spec.vhd_size,
+                                          .parents = {.finder = &parents}});
   co_return e;
 }
 

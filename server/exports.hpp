@@ -22,11 +22,16 @@ namespace imagenbd::server {
 struct ExportSpec {
   std::string name;
   std::string description;
-  std::string image;  // a path, file:PATH, or memory:SIZE
+  std::string image;  // a path, file:PATH, memory:SIZE, or an Azure blob URI
   formats::Format format = formats::Format::automatic;
   bool read_only = false;
   std::string parent;  // --parent: a differencing image's parent, or "" to find it
   formats::vhd::SizePolicy vhd_size = formats::vhd::SizePolicy::automatic;
+  // Azure blob images (az://, https://ACCOUNT.blob.core.windows.net/..., Azurite URLs).
+  std::string snapshot;     // --snapshot: "" = the live blob, "new", or a timestamp
+  bool force = false;       // --force: break another writer's lease
+  int lease_duration = 60;  // --lease-duration, seconds (15..60)
+  int retry_deadline = 60;  // --retry-deadline, seconds
 };
 
 struct Export {
