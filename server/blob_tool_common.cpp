@@ -1,0 +1,295 @@
+#include "server/blob_tool_common.hpp"
+
+#include <getopt.h>
+
+#include <algorithm>
+#include <charconv>
+#include <cstring>
+#include <stdexcept>
+
+#include <fmt/format.h>
+
+#include "formats/vhd_layout.hpp"
+#include "server/exports.hpp"
+#include "server/tool_common.hpp"
+
+namespace imagenbd::server {
+
+namespace {
+
+namespace vhd = formats::vhd;
+constexpr uint64_t mib = 1 << 20;
+
+[[noreturn]] void usage(const std::string& message) {
+  throw std::invalid_argument(message);
+}
+
+bool all_zero(const std::byte* p, std::size_t n) {
+  return n == 0 || (p[0] == std::byte{0} && std::memcmp(p, p + 1, n - 1) == 0);
+}
+
+std::string base64(std::string_view in) {
+  static constexpr char table[] =
+      "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  std::size_t i = 0;
+  for (; i + 2 < in.size(); i += 3) {
+    const uint32_t v =
+        (uint32_t(uint8_t(in[i])) << 16) | (uint32_t(uint8_t(in[i + 1])) << 8) | uint8_t(in[i + 2]);
+    out += table[v >> 18];
+    out += table[(v >> 12) & 63];
+    out += table[(v >> 6) & 63];
+    out += table[v & 63];
+  }
+  if (i < in.size()) {
+    uint32_t v = uint32_t(uint8_t(in[i])) << 16;
+    if (i + 1 < in.size()) v |= uint32_t(uint8_t(in[i + 1])) << 8;
+    out += table[v >> 18];
+    out += table[(v >> 12) & 63];
+    out += i + 1 < in.size() ? table[(v >> 6) & 63] : '=';
+    out += '=';
+  }
+  return out;
+}
+
+}  // namespace
+
+std::size_t parse_parallel(std::string_view text) {
+  return static_cast<std::size_t>(parse_int_in(text, 1, 256, "--parallel"));
+}
+
+uint64_t parse_block_size(std::string_view text) {
+  uint64_t n = 0;
+  try {
+    n = parse_size(text);
+  } catch (const std::invalid_argument& e) {
+    usage(fmt::format("--block-size: {}", e.what()));
+  }
+  if (n == 0 || n % page_size != 0 || n > max_put_page) {
+    usage(
+        fmt::format("--block-size {} is not a multiple of 512 between 512 and 4M (a Put Page "
+                    "carries at most 4 MiB of whole pages)",
+                    text));
+  }
+  return n;
+}
+
+int parse_int_in(std::string_view text, int low, int high, std::string_view what) {
+  int value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc{} || end != text.data() + text.size() || value < low || value > high) {
+    usage(fmt::format("{} '{}' is not a whole number from {} to {}", what, text, low, high));
+  }
+  return value;
+}
+
+UploadCommand parse_upload(int argc, char** argv) {
+  enum : int { opt_block_size = 1000, opt_blob_type, opt_parallel, opt_overwrite, opt_json };
+  static const option long_options[] = {
+      {"block-size", required_argument, nullptr, opt_block_size},
+      {"blob-type", required_argument, nullptr, opt_blob_type},
+      {"parallel", required_argument, nullptr, opt_parallel},
+      {"overwrite", no_argument, nullptr, opt_overwrite},
+      {"progress", no_argument, nullptr, 'p'},
+      {"json", no_argument, nullptr, opt_json},
+      {"help", no_argument, nullptr, 'h'},
+      {nullptr, 0, nullptr, 0},
+  };
+  UploadCommand cmd;
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, "ph", long_options, nullptr)) != -1) {
+    switch (c) {
+      case opt_block_size:
+        cmd.block_size = parse_block_size(optarg);
+        break;
+      case opt_blob_type:
+        if (std::strcmp(optarg, "page") == 0) {
+          cmd.block_blob = false;
+        } else if (std::strcmp(optarg, "block") == 0) {
+          cmd.block_blob = true;
+        } else {
+          usage(fmt::format("--blob-type '{}' is not page or block", optarg));
+        }
+        break;
+      case opt_parallel:
+        cmd.parallel = parse_parallel(optarg);
+        break;
+      case opt_overwrite:
+        cmd.overwrite = true;
+        break;
+      case 'p':
+        cmd.progress = true;
+        break;
+      case opt_json:
+        cmd.json = true;
+        break;
+      case 'h':
+        cmd.help = true;
+        return cmd;
+      default:
+        usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
+    }
+  }
+  if (argc - optind != 2) usage("expected FILE and URI");
+  cmd.file = argv[optind];
+  cmd.uri = argv[optind + 1];
+  return cmd;
+}
+
+DownloadCommand parse_download(int argc, char** argv) {
+  enum : int { opt_snapshot = 1000, opt_parallel, opt_overwrite, opt_json };
+  static const option long_options[] = {
+      {"snapshot", required_argument, nullptr, opt_snapshot},
+      {"parallel", required_argument, nullptr, opt_parallel},
+      {"overwrite", no_argument, nullptr, opt_overwrite},
+      {"progress", no_argument, nullptr, 'p'},
+      {"json", no_argument, nullptr, opt_json},
+      {"help", no_argument, nullptr, 'h'},
+      {nullptr, 0, nullptr, 0},
+  };
+  DownloadCommand cmd;
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, "ph", long_options, nullptr)) != -1) {
+    switch (c) {
+      case opt_snapshot:
+        if (*optarg == '\0') usage("--snapshot needs the snapshot's timestamp");
+        cmd.snapshot = optarg;
+        break;
+      case opt_parallel:
+        cmd.parallel = parse_parallel(optarg);
+        break;
+      case opt_overwrite:
+        cmd.overwrite = true;
+        break;
+      case 'p':
+        cmd.progress = true;
+        break;
+      case opt_json:
+        cmd.json = true;
+        break;
+      case 'h':
+        cmd.help = true;
+        return cmd;
+      default:
+        usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
+    }
+  }
+  if (argc - optind != 2) usage("expected URI and FILE");
+  cmd.uri = argv[optind];
+  cmd.file = argv[optind + 1];
+  return cmd;
+}
+
+std::vector<SectorRun> nonzero_sector_runs(std::span<const std::byte> data, std::size_t max_run) {
+  std::vector<SectorRun> runs;
+  for (std::size_t at = 0; at < data.size(); at += page_size) {
+    const std::size_t n = std::min(page_size, data.size() - at);
+    if (all_zero(data.data() + at, n)) continue;
+    if (!runs.empty() && runs.back().offset + runs.back().length == at &&
+        runs.back().length + n <= max_run) {
+      runs.back().length += n;
+    } else {
+      runs.push_back({at, n});
+    }
+  }
+  return runs;
+}
+
+std::optional<std::string> azure_vhd_problem(std::span<const std::byte> head,
+                                             std::span<const std::byte> tail, uint64_t file_size) {
+  if (tail.size() < vhd::footer_size) return std::nullopt;
+  auto footer = vhd::parse_footer(tail.first(vhd::footer_size));
+  bool at_end = true;
+  if (!footer.ok()) {
+    // A dynamic VHD keeps a copy of the footer at 0; a raw image that happens to start with
+    // one is not worth a warning, but a dynamic VHD with a torn end footer is.
+    if (head.size() < vhd::footer_size) return std::nullopt;
+    footer = vhd::parse_footer(head.first(vhd::footer_size));
+    if (!footer.ok()) return std::nullopt;
+    if (footer.value().disk_type == static_cast<uint32_t>(vhd::DiskType::fixed)) {
+      return std::nullopt;
+    }
+    at_end = false;
+  }
+  const vhd::Footer& f = footer.value();
+  if (f.disk_type != static_cast<uint32_t>(vhd::DiskType::fixed)) {
+    return fmt::format("a {} VHD: Azure attaches fixed VHDs only",
+                       vhd::disk_type_name(f.disk_type));
+  }
+  if (f.current_size % mib != 0) {
+    return fmt::format("virtual size {} is not a whole MiB", f.current_size);
+  }
+  if (at_end && f.current_size + vhd::footer_size != file_size) {
+    return fmt::format("the file is {} bytes, not the virtual size {} plus the 512-byte footer",
+                       file_size, f.current_size);
+  }
+  return std::nullopt;
+}
+
+std::string unaligned_size_message(const std::string& file, uint64_t size) {
+  return fmt::format(
+      "{}: {} bytes is not a multiple of 512: a page blob holds whole 512-byte pages (for a VHD, "
+      "'imagenbd convert --azure IN OUT' makes one Azure accepts; for raw, pad it with truncate "
+      "-s)",
+      file, size);
+}
+
+std::string upload_json(const UploadSummary& s) {
+  return fmt::format(
+      "{{\"uri\": {}, \"blob_type\": {}, \"size\": {}, \"uploaded_bytes\": {}, "
+      "\"skipped_bytes\": {}, \"requests\": {}, \"seconds\": {:.3f}}}\n",
+      json_string(s.uri), json_string(s.blob_type), s.size, s.uploaded_bytes, s.skipped_bytes,
+      s.requests, s.seconds);
+}
+
+std::string download_json(const DownloadSummary& s) {
+  return fmt::format(
+      "{{\"uri\": {}, \"blob_type\": {}, \"size\": {}, \"downloaded_bytes\": {}, "
+      "\"hole_bytes\": {}, \"requests\": {}, \"seconds\": {:.3f}}}\n",
+      json_string(s.uri), json_string(s.blob_type), s.size, s.downloaded_bytes, s.hole_bytes,
+      s.requests, s.seconds);
+}
+
+std::string short_blob_type(std::string_view service_type) {
+  if (service_type == "PageBlob") return "page";
+  if (service_type == "BlockBlob") return "block";
+  if (service_type == "AppendBlob") return "append";
+  return std::string(service_type);
+}
+
+std::string block_id(uint64_t index) {
+  return base64(fmt::format("inbd{:012}", index));
+}
+
+std::string explain_failure(const std::exception& e) {
+  std::string text = e.what();
+  const auto* blob = dynamic_cast<const backends::azure::BlobError*>(&e);
+  if (!blob) return text;
+  const std::string& code = blob->service_code();
+  if (code == "LeaseIdMissing") {
+    text +=
+        " (the blob is leased: pass --lease-id=ID, or break the lease with 'imagenbd lease "
+        "break URI')";
+  } else if (code == "LeaseIdMismatchWithBlobOperation" ||
+             code == "LeaseIdMismatchWithLeaseOperation") {
+    text += " (the lease id does not match the blob's lease)";
+  } else if (code == "SnapshotsPresent") {
+    text += " (use --snapshots to delete the blob with its snapshots)";
+  } else if (code == "ContainerNotFound") {
+    text += " (create it with 'imagenbd container create az://ACCOUNT/CONTAINER')";
+  } else if (code == "ContainerAlreadyExists") {
+    text += " (nothing to do)";
+  } else if (blob->status() == 403) {
+    text +=
+        " (check AZURE_STORAGE_CONNECTION_STRING, or AZURE_STORAGE_ACCOUNT with "
+        "AZURE_STORAGE_KEY or AZURE_STORAGE_SAS_TOKEN, or the SAS in the URI and its "
+        "permissions)";
+  }
+  return text;
+}
+
+}  // namespace imagenbd::server
