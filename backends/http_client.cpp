@@ -21,7 +21,6 @@
 #include <fmt/format.h>
 #include <boost/asio/associated_executor.hpp>
 #include <boost/asio/async_result.hpp>
-#include <boost/asio/dispatch.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/posix/stream_descriptor.hpp>
@@ -64,10 +63,11 @@ template <typename Handler>
 struct CompletionFor final : Completion {
   CompletionFor(Handler h, asio::any_io_executor e) : handler(std::move(h)), ex(std::move(e)) {}
   void complete(std::exception_ptr error, Response response) override {
-    asio::dispatch(ex,
-                   [handler = std::move(handler), error, response = std::move(response)]() mutable {
-                     std::move(handler)(error, std::move(response));
-                   });
+    // post, not dispatch: a caller running on the network thread (the lease renewal) must
+    // not resume inside curl_multi_info_read's loop.
+    asio::post(ex, [handler = std::move(handler), error, response = std::move(response)]() mutable {
+      std::move(handler)(error, std::move(response));
+    });
   }
   Handler handler;
   asio::any_io_executor ex;
@@ -159,20 +159,24 @@ size_t on_header(char* data, size_t size, size_t count, void* user) {
   return size * count;
 }
 
-// Success bodies go to Request::into when given; error bodies (XML) always to
-// Response::body, so the caller can read them whatever buffer it offered.
+// Success bodies go to Request::into when given. Error (non-2xx) bodies, XML for the
+// caller's message, always go to Response::body and are also copied to into while they
+// fit; they never fail with EIO, so the status reaches the caller.
 size_t on_body(char* data, size_t size, size_t count, void* user) {
   auto& t = *static_cast<Transfer*>(user);
   const std::size_t n = size * count;
   const bool success = t.response.status >= 200 && t.response.status < 300;
-  if (success && !t.request.into.empty()) {
-    if (t.response.body_size + n > t.request.into.size()) {
+  auto& into = t.request.into;
+  const bool fits = t.response.body_size + n <= into.size();
+  if (success && !into.empty()) {
+    if (!fits) {
       t.overflow = true;
       return 0;  // CURLE_WRITE_ERROR
     }
-    std::memcpy(t.request.into.data() + t.response.body_size, data, n);
+    std::memcpy(into.data() + t.response.body_size, data, n);
   } else {
     t.response.body.append(data, n);
+    if (fits) std::memcpy(into.data() + t.response.body_size, data, n);
   }
   t.response.body_size += n;
   return n;

@@ -32,13 +32,16 @@ struct Header {
 struct Request {
   std::string method = "GET";  // GET, HEAD, PUT, DELETE
   std::string url;             // full URL, already percent-encoded
-  // Sent as given. The client always sends Content-Length (0 for an empty body) and never
-  // adds Content-Type, Expect or Accept-Encoding of its own.
+  // Sent as given (an empty value is sent as an empty header). The client sends
+  // Content-Length on every PUT, POST and DELETE (0 for an empty body; never chunked) and
+  // never adds Content-Type, Expect or Accept-Encoding of its own.
   std::vector<Header> headers;
   // The request body; the caller keeps it alive until request() returns.
   std::span<const std::byte> body;
-  // When non-empty, the response body is written here instead of Response::body (straight
-  // from curl's buffer, one copy); a body longer than into.size() fails with EIO.
+  // When non-empty, a 2xx response body is written here instead of Response::body (straight
+  // from curl's buffer, one copy); a 2xx body longer than into.size() fails with EIO (an
+  // Error, not a TransportError). Error (non-2xx) bodies always go to Response::body, and
+  // are also copied here while they fit; they never fail for their size.
   std::span<std::byte> into;
   // Whole-request timeout (connect + transfer). A stalled transfer also fails after it.
   std::chrono::milliseconds timeout{30000};
@@ -68,15 +71,17 @@ class TransportError : public Error {
 };
 
 struct ClientOptions {
-  bool verify_tls = true;                           // CURLOPT_SSL_VERIFYPEER/HOST
+  bool verify_tls = true;                            // CURLOPT_SSL_VERIFYPEER/HOST
   std::chrono::milliseconds connect_timeout{10000};  // CURLOPT_CONNECTTIMEOUT_MS
-  long max_host_connections = 64;                   // CURLMOPT_MAX_HOST_CONNECTIONS
+  long max_host_connections = 64;                    // CURLMOPT_MAX_HOST_CONNECTIONS
 };
 
 class Client {
  public:
   explicit Client(const ClientOptions& options = {});
-  ~Client();  // stops the network thread; requests still running fail
+  // Stops the network thread; requests still running fail with TransportError
+  // (operation_canceled, not transient). Must not run on the network thread itself.
+  ~Client();
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
@@ -85,7 +90,9 @@ class Client {
   static Client& shared();
 
   // Performs one request. Throws TransportError when no response arrived; any HTTP status
-  // is returned, not thrown (the caller maps it, see http_status.hpp).
+  // is returned, not thrown (the caller maps it, see http_status.hpp). The awaiting
+  // coroutine resumes on its own executor (posted there from the network thread), never on
+  // the network thread unless it was already running there. Redirects are not followed.
   // @par Thread Safety: callable from any thread and executor, concurrently.
   asio::awaitable<Response> request(Request request);
 

@@ -11,7 +11,8 @@ namespace imagenbd::backends::http {
 // errc for a failed request: 400/416 invalid_argument, 401/403 permission_denied,
 // 404 no_such_file_or_directory, 409/412 (lease, condition) device_or_resource_busy,
 // 408/429/5xx io_error (after retries), 413 file_too_large, 507 no_space_on_device;
-// anything else io_error. service_code is the storage service's code (Azure's
+// anything else io_error. Service codes BlobAlreadyExists/ContainerAlreadyExists (409)
+// are file_exists. service_code is the storage service's code (Azure's
 // x-ms-error-code, S3's <Code>), "" when there is none.
 std::errc errc_for_status(long status, std::string_view service_code);
 

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <future>
 #include <string>
 #include <thread>
 #include <vector>
@@ -96,13 +97,20 @@ TEST_CASE("http an error body goes to Response::body even when into was given") 
     return Reply{404, {{"x-ms-error-code", "BlobNotFound"}}, "<Error><Code>BlobNotFound</Code>"};
   });
   http::Client client;
-  std::vector<std::byte> buffer(4);
+  std::vector<std::byte> small(4);
   http::Request request;
   request.url = server.url();
-  request.into = buffer;
+  request.into = small;
   auto response = perform(client, request);
   CHECK(response.status == 404);
   CHECK(response.body == "<Error><Code>BlobNotFound</Code>");
+  CHECK(response.body_size == 32);
+  // Also copied to into when it fits, for callers that parse it from there.
+  std::vector<std::byte> large(512);
+  request.into = large;
+  response = perform(client, request);
+  CHECK(response.body == "<Error><Code>BlobNotFound</Code>");
+  CHECK(std::memcmp(large.data(), "<Error><Code>BlobNotFound</Code>", 32) == 0);
 }
 
 TEST_CASE("http a body longer than into fails with EIO") {
@@ -331,4 +339,32 @@ TEST_CASE("http the shared client is one object and serves requests") {
   http::Request request;
   request.url = server.url();
   CHECK(perform(http::Client::shared(), request).status == 204);
+}
+
+TEST_CASE("http a coroutine on the client's own executor can make requests") {
+  HttpTestServer server([](const Received&) { return Reply{200, {}, "renewed"}; });
+  http::Client client;
+  std::promise<std::string> result;
+  asio::co_spawn(
+      client.executor(),
+      [&]() -> asio::awaitable<std::string> {
+        std::string bodies;
+        for (int i = 0; i < 3; ++i) {
+          http::Request request;
+          request.url = server.url();
+          auto r = co_await client.request(request);
+          bodies += r.body;
+        }
+        co_return bodies;
+      },
+      [&](std::exception_ptr e, std::string bodies) {
+        if (e) {
+          result.set_exception(e);
+        } else {
+          result.set_value(bodies);
+        }
+      });
+  auto future = result.get_future();
+  REQUIRE(future.wait_for(std::chrono::seconds(5)) == std::future_status::ready);
+  CHECK(future.get() == "renewedrenewedrenewed");
 }
