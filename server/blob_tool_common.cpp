@@ -261,6 +261,35 @@ std::string short_blob_type(std::string_view service_type) {
   return std::string(service_type);
 }
 
+namespace {
+
+// YYYY-MM-DDThh:mm:ss[.fraction]Z, the form of x-ms-snapshot.
+bool is_snapshot_timestamp(std::string_view t) {
+  static constexpr std::string_view shape = "dddd-dd-ddTdd:dd:dd";
+  if (t.size() < shape.size() + 1 || t.back() != 'Z') return false;
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    const bool ok = shape[i] == 'd' ? (t[i] >= '0' && t[i] <= '9') : t[i] == shape[i];
+    if (!ok) return false;
+  }
+  const std::string_view rest = t.substr(shape.size(), t.size() - shape.size() - 1);
+  if (rest.empty()) return true;
+  if (rest.size() < 2 || rest[0] != '.') return false;
+  return std::all_of(rest.begin() + 1, rest.end(), [](char c) { return c >= '0' && c <= '9'; });
+}
+
+}  // namespace
+
+std::pair<std::string, std::string> split_az_snapshot(std::string_view uri) {
+  static constexpr std::string_view key = "?snapshot=";
+  const std::size_t at = uri.rfind(key);
+  if (uri.size() < 5 || uri.substr(0, 5) != "az://" || at == std::string_view::npos) {
+    return {std::string(uri), {}};
+  }
+  const std::string_view timestamp = uri.substr(at + key.size());
+  if (!is_snapshot_timestamp(timestamp)) return {std::string(uri), {}};
+  return {std::string(uri.substr(0, at)), std::string(timestamp)};
+}
+
 std::string block_id(uint64_t index) {
   return base64(fmt::format("inbd{:012}", index));
 }

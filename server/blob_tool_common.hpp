@@ -12,6 +12,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "backends/azure_blob.hpp"
@@ -108,6 +109,13 @@ std::string short_blob_type(std::string_view service_type);
 // Pure: the Put Block id of block `index`: base64 of a fixed-width text, so all ids of a
 // blob have the same length as the service requires.
 std::string block_id(uint64_t index);
+
+// Pure: an az:// URI ending in "?snapshot=T" with T a snapshot timestamp
+// (2026-11-21T04:55:55.2300000Z) split into the URI without it and T, as cli.md promises;
+// anything else (other URI forms, which parse_blob_uri splits itself, or a blob name that
+// merely contains '?') comes back unchanged with an empty T. parse_blob_uri takes az://
+// URIs literally, so the tools strip the suffix before calling it.
+std::pair<std::string, std::string> split_az_snapshot(std::string_view uri);
 
 // The client for the URI (credentials from the environment or the URI's SAS), snapshot
 // set when `snapshot` is not empty. @throws backends::Error naming what is wrong.

@@ -25,13 +25,15 @@ namespace azure = backends::azure;
 
 azure::BlobClient open_blob_client(const std::string& uri, const std::string& snapshot) {
   const azure::Credentials env = azure::credentials_from_environment();
+  const auto [literal, uri_snapshot] = split_az_snapshot(uri);
   azure::BlobLocation where;
   try {
-    where = azure::parse_blob_uri(uri, env);
+    where = azure::parse_blob_uri(literal, env);
   } catch (const backends::Error& e) {
     if (e.errc() != std::errc::invalid_argument) throw;
     throw std::invalid_argument(e.what());  // a bad URI is a usage error (exit 2)
   }
+  if (!uri_snapshot.empty()) where.snapshot = uri_snapshot;
   if (!snapshot.empty()) where.snapshot = snapshot;
   azure::Credentials credentials = azure::credentials_for(where, env);
   return azure::BlobClient(std::move(where), std::move(credentials));
@@ -280,9 +282,8 @@ int tool_lease(int argc, char** argv) {
         "            proposes the id (a GUID), which lets its owner take it again\n"
         "  renew     restart the lease's duration\n"
         "  release   end the lease at once\n"
-        "  break     end the lease whoever holds it, after --break-period seconds (default:\n"
-        "            what is left of a finite lease; an infinite one breaks at once); prints\n"
-        "            the seconds until it is broken\n\n";
+        "  break     end the lease whoever holds it, after --break-period seconds (default\n"
+        "            0: at once); prints the seconds until it is broken\n\n";
     bool help = false;
     if (argc >= 2 && (std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0)) {
       help = true;
@@ -292,7 +293,7 @@ int tool_lease(int argc, char** argv) {
           "%s%s\nOptions:\n"
           "      --duration=SECS       acquire: 15..60 or infinite (default 60)\n"
           "      --lease-id=ID         acquire: proposed id; renew, release: the id\n"
-          "      --break-period=SECS   break: 0..60\n"
+          "      --break-period=SECS   break: 0..60 (default 0)\n"
           "      --json                print {\"lease_id\": ...} (acquire, renew,\n"
           "                            release) or {\"seconds\": N} (break)\n"
           "  -h, --help                this text\n\n"
@@ -314,7 +315,8 @@ int tool_lease(int argc, char** argv) {
         {"help", no_argument, nullptr, 'h'},
         {nullptr, 0, nullptr, 0},
     };
-    int duration = 60, break_period = -1;
+    int duration = 60, break_period = 0;
+    bool have_break_period = false;
     bool json = false, have_duration = false;
     std::string lease_id;
     const auto args = parse_args(
@@ -333,6 +335,7 @@ int tool_lease(int argc, char** argv) {
               return true;
             case opt_break_period:
               break_period = parse_int_in(arg, 0, 60, "--break-period");
+              have_break_period = true;
               return true;
             case opt_json:
               json = true;
@@ -347,7 +350,7 @@ int tool_lease(int argc, char** argv) {
       return 0;
     }
     if (have_duration && action != "acquire") usage("--duration is for acquire only");
-    if (break_period >= 0 && action != "break") usage("--break-period is for break only");
+    if (have_break_period && action != "break") usage("--break-period is for break only");
     if ((action == "renew" || action == "release") && lease_id.empty()) {
       usage(fmt::format("lease {} needs --lease-id=ID", action));
     }

@@ -236,3 +236,19 @@ TEST_CASE("explain_failure adds what to do to the service's refusals") {
   const std::runtime_error plain("file: x: No such file or directory");
   CHECK(explain_failure(plain) == "file: x: No such file or directory");
 }
+
+TEST_CASE("split_az_snapshot takes a timestamp suffix off az:// URIs only") {
+  using P = std::pair<std::string, std::string>;
+  CHECK(split_az_snapshot("az://a/c/disk.vhd?snapshot=2026-11-21T04:55:55.2300000Z") ==
+        P{"az://a/c/disk.vhd", "2026-11-21T04:55:55.2300000Z"});
+  CHECK(split_az_snapshot("az://a/c/d?snapshot=2026-11-21T04:55:55Z") ==
+        P{"az://a/c/d", "2026-11-21T04:55:55Z"});
+  // Not a timestamp: a blob whose name holds '?' stays whole.
+  CHECK(split_az_snapshot("az://a/c/what?snapshot=yes") == P{"az://a/c/what?snapshot=yes", ""});
+  CHECK(split_az_snapshot("az://a/c/d?snapshot=2026-11-21T04:55:55.Z") ==
+        P{"az://a/c/d?snapshot=2026-11-21T04:55:55.Z", ""});
+  CHECK(split_az_snapshot("az://a/c/d") == P{"az://a/c/d", ""});
+  // Other forms are split by parse_blob_uri, with their SAS.
+  const std::string http = "http://127.0.0.1:10000/a/c/d?snapshot=2026-11-21T04:55:55.2300000Z";
+  CHECK(split_az_snapshot(http) == P{http, ""});
+}
