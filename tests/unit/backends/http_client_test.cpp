@@ -368,3 +368,26 @@ TEST_CASE("http a coroutine on the client's own executor can make requests") {
   REQUIRE(future.wait_for(std::chrono::seconds(5)) == std::future_status::ready);
   CHECK(future.get() == "renewedrenewedrenewed");
 }
+
+TEST_CASE("http a 4 MiB PUT body and a 4 MiB GET into a buffer arrive intact") {
+  std::string page(4 << 20, '\0');
+  for (std::size_t i = 0; i < page.size(); ++i) page[i] = static_cast<char>(i * 7 + i / 4096);
+  HttpTestServer server([&page](const Received& r) {
+    if (r.method == "PUT") return Reply{r.body == page ? 201 : 400, {}, ""};
+    return Reply{206, {}, page};
+  });
+  http::Client client;
+  http::Request put;
+  put.method = "PUT";
+  put.url = server.url();
+  put.body = bytes(page);
+  CHECK(perform(client, put).status == 201);
+  std::vector<std::byte> buffer(page.size());
+  http::Request get;
+  get.url = server.url();
+  get.into = buffer;
+  auto response = perform(client, get);
+  CHECK(response.status == 206);
+  CHECK(response.body_size == page.size());
+  CHECK(std::memcmp(buffer.data(), page.data(), page.size()) == 0);
+}
