@@ -541,8 +541,19 @@ restart_azurite ()
 _azurite_cleanup ()
 {
     [ -n "$azurite_pid" ] || return 0
+    local i pid
+    # Servers first, so that they release their leases while Azurite still answers (and
+    # do not spend their stop retrying).
+    for pid in "${_imagenbd_pids[@]}"; do
+        [ -z "${_imagenbd_stopped[$pid]:-}" ] && kill -TERM "$pid" 2>/dev/null
+    done
+    for pid in "${_imagenbd_pids[@]}"; do
+        for (( i = 0; i < 50; ++i )); do
+            _alive "$pid" || break
+            sleep 0.1
+        done
+    done
     kill -TERM "$azurite_pid" 2>/dev/null
-    local i
     for (( i = 0; i < 50; ++i )); do
         _alive "$azurite_pid" || break
         sleep 0.1
@@ -576,7 +587,9 @@ start_fault_proxy ()
     proxy_log=$tmpdir/proxy.log
     rm -f "$tmpdir/proxy.port"
     : >"$proxy_control"
-    py3 "$srcdir/fault_proxy.py" --target "127.0.0.1:$azure_port" \
+    # A simple command, not the py3 function: $! must be python itself, not a subshell.
+    PATH=/usr/bin:$PATH PYTHONDONTWRITEBYTECODE=1 python3 "$srcdir/fault_proxy.py" \
+        --target "127.0.0.1:$azure_port" \
         --port-file "$tmpdir/proxy.port" --control "$proxy_control" --stats "$proxy_stats" \
         --log "$proxy_log" "$@" </dev/null >>"$proxy_log" 2>&1 &
     proxy_pid=$!

@@ -7,7 +7,8 @@
 # ServerBusy and resetting every 7th connection: qemu-io writes and reads back, fio
 # verifies over 2 connections, nothing fails, nothing is lost. (c) With every request
 # failing and --retry-deadline=3, a write fails with EIO -- after 3 s, not before -- and
-# the server serves again once the faults stop.
+# the server serves again once the faults stop. (a') The same load as (a) while the way
+# to Azurite is cut for 3 s (the proxy killed and restarted), Azurite itself staying up.
 source "$(dirname "$0")/functions.sh"
 set -x
 
@@ -32,49 +33,6 @@ with_endpoint ()
     return $status
 }
 now_ms () { echo $(( $(date +%s%N) / 1000000 )); }
-
-# --- (a) Azurite stopped and restarted during a write load --------------------------------
-# 200 writes of 64 KiB, each acknowledged before the next is issued, 20 ms apart.
-n=200
-truncate -s 16M "$tmpdir/a.raw"
-"$IMAGENBD" upload "$tmpdir/a.raw" "$(az_uri a.raw)"
-load=() ref=()
-for (( k = 0; k < n; ++k )); do
-    load+=(-c "write -P $(( k % 250 + 1 )) $(( k * 64 * kib + (k % 7) * 512 )) 64k" -c 'sleep 20')
-    ref+=(-c "write -P $(( k % 250 + 1 )) $(( k * 64 * kib + (k % 7) * 512 )) 64k")
-done
-start_imagenbd a="$(az_uri a.raw)"
-qemu-io -f raw "${load[@]}" "$(nbd_uri a)" >"$tmpdir/load-a.out" 2>&1 &
-load_pid=$!
-cleanup_fn kill_quietly "$load_pid"
-for (( i = 0; i < 300; ++i )); do
-    [ "$(acked "$tmpdir/load-a.out")" -ge 20 ] && break
-    sleep 0.1
-done
-stop_azurite
-at_stop=$(acked "$tmpdir/load-a.out")
-echo "Azurite stopped after $at_stop acknowledged writes"
-sleep 3
-restart_azurite
-status=0
-wait "$load_pid" || status=$?
-tail -n 5 "$tmpdir/load-a.out"
-[ "$at_stop" -ge 20 ] && [ "$at_stop" -lt $(( n - 20 )) ] ||
-    fail "the outage did not fall in the middle of the load ($at_stop of $n written)"
-[ "$status" -eq 0 ] || fail "qemu-io exited with $status across the Azurite restart"
-if grep -Ei 'fail|error' "$tmpdir/load-a.out"; then
-    fail "a write failed during a 3 s outage (the retry deadline is 60 s)"
-fi
-[ "$(acked "$tmpdir/load-a.out")" -eq $n ] || fail "not every write was acknowledged"
-r=$(retries "$imagenbd_log")
-echo "server logged $r retries"
-[ "$r" -ge 1 ] || fail "the server log shows no retries across the outage"
-stop_imagenbd
-
-# A fresh process finds every acknowledged write.
-qemu-io -f raw "${ref[@]}" "$tmpdir/a.raw" >/dev/null
-"$IMAGENBD" download "$(az_uri a.raw)" "$tmpdir/a-dl.raw"
-cmp "$tmpdir/a-dl.raw" "$tmpdir/a.raw" || fail "(a) acknowledged writes are missing from the blob"
 
 # --- (b) 503 ServerBusy and connection resets ---------------------------------------------
 start_fault_proxy
@@ -172,3 +130,115 @@ stop_imagenbd
 "$IMAGENBD" download "$(az_uri c.raw)" "$tmpdir/c-dl.raw"
 qemu-io -f raw -c 'write -P 0x11 0 64k' -c 'write -P 0x33 64k 64k' "$tmpdir/c.raw" >/dev/null
 cmp "$tmpdir/c-dl.raw" "$tmpdir/c.raw" || fail "(c) the blob does not hold the acknowledged writes"
+
+# --- (a') The endpoint gone for 3 s: the proxy killed and started again on its port ----
+# Like (a) below, but Azurite itself stays up (and so keeps the lease): only the way to it
+# is cut, every connection dropped and new ones refused.
+set_faults
+truncate -s 16M "$tmpdir/p.raw"
+"$IMAGENBD" upload "$tmpdir/p.raw" "$(az_uri p.raw)"
+with_endpoint "$proxy_port" start_imagenbd p="$(az_uri p.raw)"
+p_log=$imagenbd_log
+load=() ref=()
+for (( k = 0; k < 100; ++k )); do
+    load+=(-c "write -P $(( k + 1 )) $(( k * 64 * kib + (k % 7) * 512 )) 60k" -c 'sleep 20')
+    ref+=(-c "write -P $(( k + 1 )) $(( k * 64 * kib + (k % 7) * 512 )) 60k")
+done
+qemu-io -f raw "${load[@]}" "$(nbd_uri p)" >"$tmpdir/load-p.out" 2>&1 &
+load_pid=$!
+cleanup_fn kill_quietly "$load_pid"
+for (( i = 0; i < 300; ++i )); do
+    [ "$(acked "$tmpdir/load-p.out")" -ge 20 ] && break
+    sleep 0.1
+done
+kill -KILL "$proxy_pid"
+wait "$proxy_pid" 2>/dev/null || :
+at_stop=$(acked "$tmpdir/load-p.out")
+sleep 3
+start_fault_proxy --port "$proxy_port"
+status=0
+wait "$load_pid" || status=$?
+tail -n 3 "$tmpdir/load-p.out"
+echo "proxy killed after $at_stop acknowledged writes"
+[ "$at_stop" -ge 20 ] && [ "$at_stop" -lt 80 ] ||
+    fail "(a') the outage did not fall in the middle of the load ($at_stop of 100 written)"
+if grep -Ei 'fail|error' "$tmpdir/load-p.out"; then
+    fail "(a') a write failed while the endpoint was gone for 3 s (the retry deadline is 60 s)"
+fi
+[ "$status" -eq 0 ] && [ "$(acked "$tmpdir/load-p.out")" -eq 100 ] ||
+    fail "(a') not every write was acknowledged"
+r=$(retries "$p_log")
+echo "server logged $r retries"
+[ "$r" -ge 1 ] || fail "(a') the server log shows no retries across the outage"
+stop_imagenbd
+qemu-io -f raw "${ref[@]}" "$tmpdir/p.raw" >/dev/null
+"$IMAGENBD" download "$(az_uri p.raw)" "$tmpdir/p-dl.raw"
+cmp "$tmpdir/p-dl.raw" "$tmpdir/p.raw" || fail "(a') acknowledged writes are missing from the blob"
+
+# --- (a) Azurite stopped and restarted during a write load --------------------------------
+# 200 writes of 60 KiB (none overlapping another), each acknowledged before the next is
+# issued, 20 ms apart.
+n=200
+truncate -s 16M "$tmpdir/a.raw"
+"$IMAGENBD" upload "$tmpdir/a.raw" "$(az_uri a.raw)"
+load=()
+for (( k = 0; k < n; ++k )); do
+    load+=(-c "write -P $(( k % 250 + 1 )) $(( k * 64 * kib + (k % 7) * 512 )) 60k" -c 'sleep 20')
+done
+start_imagenbd a="$(az_uri a.raw)"
+a_log=$imagenbd_log
+qemu-io -f raw "${load[@]}" "$(nbd_uri a)" >"$tmpdir/load-a.out" 2>&1 &
+load_pid=$!
+cleanup_fn kill_quietly "$load_pid"
+for (( i = 0; i < 300; ++i )); do
+    [ "$(acked "$tmpdir/load-a.out")" -ge 20 ] && break
+    sleep 0.1
+done
+stop_azurite
+at_stop=$(acked "$tmpdir/load-a.out")
+echo "Azurite stopped after $at_stop acknowledged writes"
+sleep 3
+restart_azurite
+status=0
+wait "$load_pid" || status=$?
+tail -n 5 "$tmpdir/load-a.out"
+[ "$at_stop" -ge 20 ] && [ "$at_stop" -lt $(( n - 20 )) ] ||
+    fail "the outage did not fall in the middle of the load ($at_stop of $n written)"
+stop_imagenbd
+
+# First what matters most: a fresh process finds every acknowledged write ("wrote 61440/
+# 61440 bytes at offset N").
+"$IMAGENBD" download "$(az_uri a.raw)" "$tmpdir/a-dl.raw"
+checks=() ref=()
+while read -r offset; do
+    k=$(( offset / (64 * kib) ))
+    checks+=(-c "read -P $(( k % 250 + 1 )) $offset 60k")
+    ref+=(-c "write -P $(( k % 250 + 1 )) $offset 60k")
+done < <(sed -n 's/^wrote 61440\/61440 bytes at offset \([0-9]*\)$/\1/p' "$tmpdir/load-a.out")
+acks=$(( ${#checks[@]} / 2 ))
+echo "$acks of $n writes acknowledged"
+if [ "$acks" -gt 0 ]; then
+    qemu-io -f raw -r "${checks[@]}" "$tmpdir/a-dl.raw" >"$tmpdir/check-a.out" 2>&1 ||
+        { cat "$tmpdir/check-a.out"; fail "(a) checking the acknowledged writes failed"; }
+    if grep -Ei 'fail|error|mismatch' "$tmpdir/check-a.out"; then
+        fail "(a) acknowledged writes are missing from the blob"
+    fi
+fi
+# Then: the outage was well within the 60 s retry deadline, so nothing may have failed.
+if grep -Ei 'fail|error' "$tmpdir/load-a.out"; then
+    if grep -q 'lease lost' "$a_log"; then
+        fail "writes failed after Azurite restarted: the server gave its lease up as lost" \
+             "(Azurite 3.37 marks every lease 'expired' when it restarts; Put Page then" \
+             "answers 412 LeaseNotPresentWithBlobOperation, and a renew with the same" \
+             "lease id succeeds, since nobody leased the blob meanwhile)"
+    fi
+    fail "a write failed during a 3 s outage (the retry deadline is 60 s)"
+fi
+[ "$status" -eq 0 ] || fail "qemu-io exited with $status across the Azurite restart"
+[ "$acks" -eq $n ] || fail "not every write was acknowledged"
+# Every write acknowledged: the blob is exactly the image given the same writes.
+qemu-io -f raw "${ref[@]}" "$tmpdir/a.raw" >/dev/null
+cmp "$tmpdir/a-dl.raw" "$tmpdir/a.raw" || fail "(a) the blob differs from the writes made"
+r=$(retries "$a_log")
+echo "server logged $r retries"
+[ "$r" -ge 1 ] || fail "the server log shows no retries across the outage"

@@ -11,7 +11,7 @@
 source "$(dirname "$0")/functions.sh"
 set -x
 
-requires qemu-io qemu-img nbdcopy jq sha256sum
+requires qemu-io qemu-img nbdcopy nbdinfo jq sha256sum
 start_azurite
 
 mib=$(( 1024 * 1024 ))
@@ -29,12 +29,14 @@ lease_state ()
     jq -r '.blobs[] | select(.name == "disk.raw" and (.snapshot // "") == "") | .lease_state' \
         "$tmpdir/ls.json"
 }
-# qio URI COMMANDS...: qemu-io on an export; stdout+stderr in $tmpdir/qio.out; its status.
+# qio URI [-r] COMMANDS...: qemu-io on an export (-r: opened read-only); stdout+stderr in
+# $tmpdir/qio.out; its status.
 qio ()
 {
     local target=$1 c status=0
     local -a cmds=()
     shift
+    if [ "${1:-}" = -r ]; then cmds+=(-r); shift; fi
     for c in "$@"; do cmds+=(-c "$c"); done
     qemu-io -f raw "${cmds[@]}" "$target" >"$tmpdir/qio.out" 2>&1 || status=$?
     cat "$tmpdir/qio.out"
@@ -61,7 +63,8 @@ must_contain "$tmpdir/second.out" "--snapshot" "the second server's message"
 
 # A read-only server of the live blob takes no lease and sees the writer's data.
 start_imagenbd -r ro="$blob"
-io raw "$(nbd_uri ro)" 'read -P 0x11 0 64k'
+qio "$(nbd_uri ro)" -r 'read -P 0x11 0 64k' || fail "reading the read-only server failed"
+if grep -Ei 'fail|error' "$tmpdir/qio.out"; then fail "reading the read-only server failed"; fi
 stop_imagenbd
 [ "$(lease_state)" = leased ] || fail "a read-only server changed the lease"
 
@@ -147,7 +150,8 @@ for i in "${!snap_uris[@]}"; do
     [ "$got" = "$want" ] || fail "snapshot server s$i read $got, expected $want"
 done
 # Snapshot exports are read-only.
-must_fail "$tmpdir/snap-write.out" qemu-io -f raw -c 'write -P 0x99 0 4k' "${snap_uris[3]}"
+nbdinfo "${snap_uris[3]}" >"$tmpdir/snap.info"
+must_contain "$tmpdir/snap.info" "is_read_only: true" "nbdinfo of a --snapshot export"
 # And the live blob has the writer's data.
 io raw "$(nbd_uri live)" 'read -P 0x77 0 1M'
 stop_imagenbd

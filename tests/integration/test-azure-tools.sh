@@ -169,9 +169,10 @@ t2=$(jq -r .snapshot "$tmpdir/snap.json")
 cat "$tmpdir/ls.txt"
 must_contain "$tmpdir/ls.txt" "^snap\.raw[[:space:]].*$t1" "ls --snapshots"
 must_contain "$tmpdir/ls.txt" "^snap\.raw[[:space:]].*$t2" "ls --snapshots"
-# Each snapshot downloads as it was (by --snapshot and by ?snapshot=); the blob as it is.
+# Each snapshot downloads as it was (by --snapshot and by ?snapshot= on the path-style
+# URL); the blob as it is. (az://...?snapshot=: at the end.)
 "$IMAGENBD" download --snapshot="$t1" "$(az_uri snap.raw)" "$tmpdir/t1.raw"
-"$IMAGENBD" download "$(az_uri snap.raw)?snapshot=$t2" "$tmpdir/t2.raw"
+"$IMAGENBD" download "$(az_http_uri snap.raw)?snapshot=$t2" "$tmpdir/t2.raw"
 "$IMAGENBD" download "$(az_uri snap.raw)" "$tmpdir/live.raw"
 cmp "$tmpdir/t1.raw" "$tmpdir/s0.raw" || fail "download --snapshot: not the first snapshot"
 cmp "$tmpdir/t2.raw" "$tmpdir/s1.raw" || fail "download ?snapshot=: not the second snapshot"
@@ -267,3 +268,13 @@ c3=az://$azure_account/${azure_container:0:55}-third
 "$IMAGENBD" upload "$tmpdir/one.raw" "$c3/y.raw"
 [ "$("$IMAGENBD" ls --json "$c3" | jq -r '.blobs[0].name')" = y.raw ] ||
     fail "upload did not create the missing container"
+
+# --- az://...?snapshot=T (download --help documents it) ----------------------------------
+"$IMAGENBD" upload "$tmpdir/s0.raw" "$(az_uri snap2.raw)"
+t3=$("$IMAGENBD" snapshot "$(az_uri snap2.raw)")
+start_imagenbd "$(az_uri snap2.raw)"
+io raw "$(nbd_uri)" 'write -P 0x5a 4096 64k'
+stop_imagenbd
+"$IMAGENBD" download "$(az_uri snap2.raw)?snapshot=$t3" "$tmpdir/t3.raw" ||
+    fail "download az://...?snapshot=T failed"
+cmp "$tmpdir/t3.raw" "$tmpdir/s0.raw" || fail "download az://...?snapshot=T: not the snapshot"
