@@ -306,10 +306,12 @@ std::string explain_failure(const std::exception& e) {
   } else if (code == "LeaseIdMismatchWithBlobOperation" ||
              code == "LeaseIdMismatchWithLeaseOperation") {
     text += " (the lease id does not match the blob's lease)";
+  } else if (code == "LeaseAlreadyPresent") {
+    text += " (another lease holds the blob: 'imagenbd lease break URI' ends it)";
   } else if (code == "SnapshotsPresent") {
     text += " (use --snapshots to delete the blob with its snapshots)";
   } else if (code == "ContainerNotFound") {
-    text += " (create it with 'imagenbd container create az://ACCOUNT/CONTAINER')";
+    text += " (no such container: 'imagenbd container create az://ACCOUNT/CONTAINER' makes one)";
   } else if (code == "ContainerAlreadyExists") {
     text += " (nothing to do)";
   } else if (blob->status() == 403) {
