@@ -180,6 +180,22 @@ void LeaseKeeper::stop() {
   asio::post(state_->timer.get_executor(), [s = state_] { s->timer.cancel(); });
 }
 
+asio::awaitable<bool> LeaseKeeper::reclaim() {
+  if (state_->lost || state_->stopped) co_return false;
+  std::string failure;
+  try {
+    co_await state_->blob.lease_renew(state_->id);
+    log::warn("azure: {}: our lease had expired; renewed it (nobody had leased the blob since)",
+              state_->blob.location().display());
+    co_return true;
+  } catch (const BlobError& e) {
+    if (transient_status(e.status())) throw;
+    failure = e.what();
+  }
+  state_->mark_lost(failure);
+  co_return false;
+}
+
 asio::awaitable<void> LeaseKeeper::release() {
   stop();
   if (state_->lost || state_->released.exchange(true)) co_return;

@@ -35,6 +35,12 @@ class LeaseKeeper {
   bool lost() const;
   // Records that the lease is gone; logs why, once.
   void mark_lost(std::string_view reason);
+  // After a write was refused with LeaseNotPresentWithBlobOperation (our lease expired:
+  // renewals failed for a whole duration, or an emulator restarted): renews it now, which
+  // the service allows only if nobody else has leased the blob since (formats.md §3.6).
+  // Returns true when the lease is ours again; false (and marks it lost) when it is not.
+  // A transient failure is thrown (the write fails, the lease is not given up).
+  asio::awaitable<bool> reclaim();
   // Stops the renewals and releases the lease (unless it was lost). Idempotent.
   asio::awaitable<void> release();
 

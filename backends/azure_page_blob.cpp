@@ -11,6 +11,7 @@
 #include <cassert>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "backends/async_mutex.hpp"
@@ -252,11 +253,17 @@ class AzurePageBlob final : public BlockDevice {
   asio::awaitable<void> put_pages(uint64_t offset, std::span<const std::byte> data) {
     azure::PagePutOptions options;
     if (lease_) options.lease_id = lease_->id();
-    try {
-      co_await blob_.put_pages(offset, data, options);
-    } catch (const BlobError& e) {
-      if (!e.lease_lost()) throw;
-      lease_refused(e, "write", offset, data.size());
+    for (int attempt = 0;; ++attempt) {
+      std::optional<BlobError> refused;
+      try {
+        co_await blob_.put_pages(offset, data, options);
+        break;
+      } catch (const BlobError& e) {
+        if (!e.lease_lost()) throw;
+        refused = e;
+      }
+      if (attempt > 0 || !co_await reclaim(*refused))
+        lease_refused(*refused, "write", offset, data.size());
     }
     std::lock_guard lock(map_mutex_);
     map_.add(offset, offset + data.size());
@@ -266,15 +273,34 @@ class AzurePageBlob final : public BlockDevice {
     const std::string lease_id = lease_ ? lease_->id() : std::string();
     for (uint64_t o = offset; o < offset + length; o += max_clear) {
       const uint64_t n = std::min(max_clear, offset + length - o);
-      try {
-        co_await blob_.clear_pages(o, n, lease_id);
-      } catch (const BlobError& e) {
-        if (!e.lease_lost()) throw;
-        lease_refused(e, "clear", o, n);
+      for (int attempt = 0;; ++attempt) {
+        std::optional<BlobError> refused;
+        try {
+          co_await blob_.clear_pages(o, n, lease_id);
+          break;
+        } catch (const BlobError& e) {
+          if (!e.lease_lost()) throw;
+          refused = e;
+        }
+        if (attempt > 0 || !co_await reclaim(*refused)) lease_refused(*refused, "clear", o, n);
       }
       std::lock_guard lock(map_mutex_);
       map_.remove(o, o + n);
     }
+  }
+
+  // A write refused because the blob has no lease any more: ours expired (renewals failed
+  // for a whole duration; Azurite also expires leases when it restarts). If nobody leased
+  // the blob since, renewing it makes it ours again and the write can be sent again; the
+  // page map is reloaded, as a writer without a lease may have written meanwhile. Any
+  // other lease refusal (another writer's lease) is final.
+  asio::awaitable<bool> reclaim(const BlobError& refused) {
+    if (!lease_ || refused.service_code() != "LeaseNotPresentWithBlobOperation") co_return false;
+    if (!co_await lease_->reclaim()) co_return false;
+    std::lock_guard lock(map_mutex_);
+    map_.clear();
+    for (auto& w : loaded_) w.store(false, std::memory_order_release);
+    co_return true;
   }
 
   // Read-modify-write of one page: bytes [from, from + data.size()) replaced. The caller
