@@ -87,15 +87,18 @@ asio::awaitable<void> run_parallel(std::vector<Task> tasks, std::size_t width) {
   if (tasks.empty()) co_return;
   auto ex = co_await asio::this_coro::executor;
   auto group = std::make_shared<Group>(ex, std::move(tasks), width == 0 ? 1 : width);
+  // A named initiation capturing a plain pointer: GCC 12 destroys a temporary lambda with a
+  // shared_ptr capture twice when it sits in the co_await expression.
+  Group* g = group.get();
+  auto wait_all = [g](auto handler) {
+    {
+      std::lock_guard lock(g->mutex);
+      g->waiter = std::make_unique<WaiterFor<decltype(handler)>>(std::move(handler));
+    }
+    g->fill();
+  };
   co_await asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr)>(
-      [group](auto handler) {
-        {
-          std::lock_guard lock(group->mutex);
-          group->waiter = std::make_unique<WaiterFor<decltype(handler)>>(std::move(handler));
-        }
-        group->fill();
-      },
-      asio::use_awaitable);
+      wait_all, asio::use_awaitable);
 }
 
 }  // namespace imagenbd::backends
