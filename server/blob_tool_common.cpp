@@ -301,8 +301,8 @@ std::string explain_failure(const std::exception& e) {
   const std::string& code = blob->service_code();
   if (code == "LeaseIdMissing") {
     text +=
-        " (the blob is leased: pass --lease-id=ID, or break the lease with 'imagenbd lease "
-        "break URI')";
+        " (the blob is leased, e.g. by a writable 'imagenbd serve': stop it, or break the "
+        "lease with 'imagenbd lease break URI'; rm takes the holder's --lease-id=ID)";
   } else if (code == "LeaseIdMismatchWithBlobOperation" ||
              code == "LeaseIdMismatchWithLeaseOperation") {
     text += " (the lease id does not match the blob's lease)";
