@@ -156,7 +156,8 @@ asio::awaitable<http::Response> BlobClient::perform(std::string_view operation,
       [this, &request]() -> asio::awaitable<http::Response> {
     http::Request signed_request = request;
     sign(signed_request, credentials_, std::chrono::system_clock::now());
-    co_return co_await client_.request(std::move(signed_request));
+    auto pending = client_.request(std::move(signed_request));  // GCC 12: no temporaries
+    co_return co_await std::move(pending);                      // in a co_await expression
   };
   http::RetryPolicy policy = retry_;
   if (!idempotent) policy.max_attempts = 1;

@@ -119,7 +119,8 @@ class AzurePageBlob final : public BlockDevice {
             [this, o, piece]() -> asio::awaitable<void> { co_await blob_.read(o, piece, size_); });
       }
     }
-    co_await run_all(std::move(tasks), options_.parallel);
+    auto all = run_all(std::move(tasks), options_.parallel);
+    co_await std::move(all);
   }
 
   asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in, WriteFlags) override {
@@ -138,7 +139,8 @@ class AzurePageBlob final : public BlockDevice {
         tasks.push_back(
             [this, o, piece]() -> asio::awaitable<void> { co_await put_pages(o, piece); });
       }
-      co_await run_all(std::move(tasks), options_.parallel);
+      auto all = run_all(std::move(tasks), options_.parallel);
+      co_await std::move(all);
     }
     // Unaligned edges: read-modify-write of their page, one at a time, so that two
     // writes into the same page cannot lose each other's bytes.
@@ -289,13 +291,17 @@ class AzurePageBlob final : public BlockDevice {
     }
   }
 
-  // A write refused because the blob has no lease any more: ours expired (renewals failed
-  // for a whole duration; Azurite also expires leases when it restarts). If nobody leased
-  // the blob since, renewing it makes it ours again and the write can be sent again; the
-  // page map is reloaded, as a writer without a lease may have written meanwhile. Any
-  // other lease refusal (another writer's lease) is final.
+  // A write refused because the blob has no lease any more (Azurite's code for it is
+  // LeaseNotPresentWithBlobOperation, Azure's documentation also names LeaseLost): ours
+  // expired, as renewals failed for a whole duration, or Azurite restarted (it expires
+  // every lease then). If nobody leased the blob since, renewing makes it ours again and
+  // the write is sent again; the page map is reloaded, as a writer without a lease may
+  // have written meanwhile. Any other lease refusal (another writer's lease) is final.
   asio::awaitable<bool> reclaim(const BlobError& refused) {
-    if (!lease_ || refused.service_code() != "LeaseNotPresentWithBlobOperation") co_return false;
+    if (!lease_ || (refused.service_code() != "LeaseNotPresentWithBlobOperation" &&
+                    refused.service_code() != "LeaseLost")) {
+      co_return false;
+    }
     if (!co_await lease_->reclaim()) co_return false;
     std::lock_guard lock(map_mutex_);
     map_.clear();
