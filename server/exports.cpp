@@ -9,6 +9,7 @@
 #include "backends/file.hpp"
 #include "backends/log.hpp"
 #include "backends/memory.hpp"
+#include "server/blob_tool_common.hpp"
 #include "server/local_parents.hpp"
 
 namespace imagenbd::server {
@@ -71,13 +72,22 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
                                 " applies to Azure blob URIs only");
   }
   if (azure) {
+    // parse_blob_uri takes az:// URIs literally; cli.md promises "?snapshot=T" there too.
+    const std::pair<std::string, std::string> split = split_az_snapshot(spec.image);
+    const std::string& uri = split.first;
+    const std::string& uri_snapshot = split.second;
+    if (!uri_snapshot.empty() && !spec.snapshot.empty() && spec.snapshot != uri_snapshot) {
+      throw std::invalid_argument("'" + spec.image + "': --snapshot" +
+                                  (spec.snapshot == "new" ? "" : "=" + spec.snapshot) +
+                                  " contradicts the URI's snapshot " + uri_snapshot);
+    }
     backends::AzurePageBlobOptions options;
     options.read_only = spec.read_only;
-    options.snapshot = spec.snapshot;
+    options.snapshot = uri_snapshot.empty() ? spec.snapshot : uri_snapshot;
     options.force = spec.force;
     options.lease_duration = spec.lease_duration;
     options.retry.deadline = std::chrono::seconds(spec.retry_deadline);
-    leaf = co_await backends::open_azure_page_blob(spec.image, options);
+    leaf = co_await backends::open_azure_page_blob(uri, options);
   } else if (image.starts_with("memory:")) {
     leaf = backends::open_memory(parse_size(image.substr(7)), spec.image);
   } else {

@@ -6,7 +6,8 @@
 # holes, zero without unmap stays data; (3) reads larger than one ranged GET, across holes;
 # (4) the lease: held while serving, released by a clean stop, a second writer refused
 # with a message naming --force and --snapshot, --force takes over; (5) what cannot be
-# served says why: a missing blob, a block blob, a missing snapshot.
+# served says why: a missing blob, a block blob, a missing snapshot; (6) a new snapshot is
+# served read-only, and again by its timestamp in the URI.
 source "$(dirname "$0")/functions.sh"
 set -x
 
@@ -108,7 +109,7 @@ must_contain "$tmpdir/nosnap.out" "no snapshot 2001-01-01T00:00:00.0000000Z of"
 must_fail "$tmpdir/local.out" "$IMAGENBD" serve -k "$tmpdir/x.sock" --snapshot "$tmpdir/disk.raw"
 must_contain "$tmpdir/local.out" "Azure blob URIs only"
 
-# A new snapshot is served read-only with the blob's data of that moment.
+# --- 6. A new snapshot is served read-only with the blob's data of that moment -------------
 start_imagenbd --snapshot "$(az_uri disk.raw)"
 must_contain "$imagenbd_log" "serving new snapshot"
 nbdinfo "$uri" | tee "$tmpdir/snap.info"
@@ -118,4 +119,11 @@ qemu-io -r -f raw -c 'read -P 0x78 0 4k' -c 'read -P 0x11 4096 1000' "$uri" \
 cat "$tmpdir/snap.out"
 if grep -Ei 'fail|error|mismatch' "$tmpdir/snap.out"; then fail "the snapshot reads wrong"; fi
 must_fail "$tmpdir/snap-write.out" qemu-io -f raw -c 'write 0 4k' "$uri"
+# The same snapshot by its timestamp, given as az://...?snapshot=T (cli.md).
+snap=$(grep -o 'serving new snapshot [^ ]*' "$imagenbd_log" | cut -d' ' -f4)
+snap_pid=$imagenbd_pid snap_uri=$uri
+start_imagenbd "$(az_uri disk.raw)?snapshot=$snap"
+qemu-img compare -f raw -F raw "$snap_uri" "$uri" ||
+    fail "az://...?snapshot=$snap serves other data than the snapshot just taken"
 stop_imagenbd
+stop_imagenbd "$snap_pid"
