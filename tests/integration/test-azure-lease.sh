@@ -112,7 +112,7 @@ before=$(jq '[.blobs[] | select(.name == "disk.raw" and .snapshot != null and
             <("$IMAGENBD" ls --json --snapshots "az://$azure_account/$azure_container"))
 
 start_imagenbd --snapshot s0="$blob"
-snap_uris=("$(nbd_uri s0)")
+snap_uris=("$(nbd_uri s0)") snap_pids=("$imagenbd_pid")
 "$IMAGENBD" ls --json --snapshots "az://$azure_account/$azure_container" >"$tmpdir/snaps.json"
 cat "$tmpdir/snaps.json"
 jq -e --argjson before "$before" \
@@ -124,7 +124,7 @@ stamp=$(jq -r '[.blobs[] | select(.name == "disk.raw" and .snapshot != null and
 [ -n "$stamp" ] || fail "no snapshot timestamp in ls --json --snapshots"
 for i in 1 2 3 4 5 6 7; do
     start_imagenbd --snapshot="$stamp" "s$i=$blob"
-    snap_uris+=("$(nbd_uri "s$i")")
+    snap_uris+=("$(nbd_uri "s$i")") snap_pids+=("$imagenbd_pid")
 done
 # The snapshot servers took no further snapshot, and no lease.
 jq -e --argjson before "$before" \
@@ -155,7 +155,5 @@ must_contain "$tmpdir/snap.info" "is_read_only: true" "nbdinfo of a --snapshot e
 # And the live blob has the writer's data.
 io raw "$(nbd_uri live)" 'read -P 0x77 0 1M'
 stop_imagenbd
-for i in 0 1 2 3 4 5 6 7; do
-    stop_imagenbd "${_imagenbd_pids[-2 - i]}"
-done
+for p in "${snap_pids[@]}"; do stop_imagenbd "$p"; done
 [ "$(lease_state)" = available ] || fail "the lease is not released after every server stopped"
