@@ -429,8 +429,20 @@ asio::awaitable<DevicePtr> open_azure_page_blob(std::string uri, AzurePageBlobOp
   const bool writable = !options.read_only && !snapshot;
   std::unique_ptr<azure::LeaseKeeper> lease;
   if (writable) {
-    lease = co_await azure::LeaseKeeper::acquire(blob, options.lease_duration, options.lease_id,
-                                                 options.force);
+    std::string refused;
+    try {
+      lease = co_await azure::LeaseKeeper::acquire(blob, options.lease_duration, options.lease_id,
+                                                   options.force);
+    } catch (const BlobError& e) {
+      if (e.status() != 403) throw;
+      refused = e.what();
+    }
+    if (!refused.empty()) {
+      fail(std::errc::permission_denied,
+           "{} (a writable export takes the blob's lease: serve it read-only with -r, or with "
+           "credentials that may write, such as a SAS with 'w')",
+           refused);
+    }
   } else if (!snapshot) {
     log::warn(
         "azure: {}: serving the live blob read-only without a lease: another writer may "

@@ -61,12 +61,28 @@ uint64_t parse_size(std::string_view text) {
   return value << shift;
 }
 
+namespace {
+
+// A URL with a SAS (sv= and sig= in its query) is an Azure blob on any host: that is how
+// an emulator's path-style URL (http://127.0.0.1:10000/ACCOUNT/CONTAINER/BLOB?sv=...) is
+// served without a connection string naming its endpoint.
+bool is_sas_url(std::string_view image) {
+  if (!image.starts_with("http://") && !image.starts_with("https://")) return false;
+  const auto q = image.find('?');
+  if (q == std::string_view::npos) return false;
+  const std::string query = "&" + std::string(image.substr(q + 1));
+  return query.find("&sv=") != std::string::npos && query.find("&sig=") != std::string::npos;
+}
+
+}  // namespace
+
 boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec) {
   backends::DevicePtr leaf;
   std::string_view image = spec.image;
   const bool azure =
       !image.starts_with("file:") && !image.starts_with("memory:") &&
-      backends::azure::is_azure_uri(image, backends::azure::credentials_from_environment());
+      (backends::azure::is_azure_uri(image, backends::azure::credentials_from_environment()) ||
+       is_sas_url(image));
   if (!azure && (!spec.snapshot.empty() || spec.force)) {
     throw std::invalid_argument("'" + spec.image + "': " + (spec.force ? "--force" : "--snapshot") +
                                 " applies to Azure blob URIs only");

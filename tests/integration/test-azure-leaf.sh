@@ -6,7 +6,8 @@
 # holes, zero without unmap stays data; (3) reads larger than one ranged GET, across holes;
 # (4) the lease: held while serving, released by a clean stop, a second writer refused
 # with a message naming --force and --snapshot, --force takes over; (5) what cannot be
-# served says why: a missing blob, a block blob, a missing snapshot; (6) a new snapshot is
+# served says why: a missing blob, a block blob, a missing snapshot, a writable export with
+# a read-only SAS (a path-style SAS URL is served with -r); (6) a new snapshot is
 # served read-only, and again by its timestamp in the URI.
 source "$(dirname "$0")/functions.sh"
 set -x
@@ -92,6 +93,7 @@ must_fail "$tmpdir/lost.out" qemu-io -f raw -c 'write -P 0x77 0 4k' "$first_raw"
 must_contain "$tmpdir/lost.out" "Input/output error" "a write after the lease was taken over"
 must_contain "$first_log" "lease lost" "the log of the server that lost its lease"
 io raw "$uri" 'write -P 0x78 0 4k' 'read -P 0x78 0 4k'
+io raw "$tmpdir/raw.raw" 'write -P 0x78 0 4k'
 stop_imagenbd
 stop_imagenbd "$first_pid"
 [ "$(lease_state disk.raw)" = available ] || fail "a clean stop did not release the lease"
@@ -108,6 +110,30 @@ must_fail "$tmpdir/nosnap.out" "$IMAGENBD" serve -k "$tmpdir/x.sock" \
 must_contain "$tmpdir/nosnap.out" "no snapshot 2001-01-01T00:00:00.0000000Z of"
 must_fail "$tmpdir/local.out" "$IMAGENBD" serve -k "$tmpdir/x.sock" --snapshot "$tmpdir/disk.raw"
 must_contain "$tmpdir/local.out" "Azure blob URIs only"
+
+# A path-style URL with a read-only SAS and no connection string: served with -r (reads
+# need no lease); without -r the refusal says what to do, and shows no signature.
+sas=$(py3 - "$azure_container" <<'EOF'
+import base64, hashlib, hmac, sys, urllib.parse
+key = base64.b64decode("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==")
+fields = ["r", "", "2099-01-01T00:00:00Z", f"/blob/devstoreaccount1/{sys.argv[1]}/disk.raw",
+          "", "", "", "2021-08-06", "b", "", "", "", "", "", "", ""]
+sig = base64.b64encode(hmac.new(key, "\n".join(fields).encode(), hashlib.sha256).digest())
+print("sv=2021-08-06&sr=b&sp=r&se=2099-01-01T00:00:00Z&sig=" + urllib.parse.quote(sig, safe=""))
+EOF
+)
+sas_url="$(az_http_uri disk.raw)?$sas"
+saved_connection_string=$AZURE_STORAGE_CONNECTION_STRING
+unset AZURE_STORAGE_CONNECTION_STRING
+must_fail "$tmpdir/sas-rw.out" "$IMAGENBD" serve -k "$tmpdir/x.sock" "$sas_url"
+must_contain "$tmpdir/sas-rw.out" "403.*serve it read-only with -r"
+if grep -F "${sas#*sig=}" "$tmpdir/sas-rw.out"; then fail "the SAS signature reached the message"; fi
+start_imagenbd -r "$sas_url"
+must_contain "$imagenbd_log" "may change it underneath" "the log of a read-only live blob"
+qemu-img compare -f raw -F raw "$tmpdir/raw.raw" "$uri" ||
+    fail "the blob served by its SAS URL differs from the reference"
+stop_imagenbd
+export AZURE_STORAGE_CONNECTION_STRING=$saved_connection_string
 
 # --- 6. A new snapshot is served read-only with the blob's data of that moment -------------
 start_imagenbd --snapshot "$(az_uri disk.raw)"
