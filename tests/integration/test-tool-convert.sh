@@ -50,8 +50,8 @@ io raw "$src" "write -P 0xa1 0 1M" "write -P 0xb2 $(( 20 * mib + 4096 )) 12288" 
 
 src_md5=$(md5sum <"$src")
 
-"$IMAGENBD" convert --help | grep -q -- --azure || fail "convert --help does not show --azure"
-"$IMAGENBD" --help | grep -q 'convert' || fail "imagenbd --help does not list convert"
+"$IMAGENBD" convert --help | grep -- --azure >/dev/null || fail "convert --help does not show --azure"
+"$IMAGENBD" --help | grep convert >/dev/null || fail "imagenbd --help does not list convert"
 
 # --- raw -> every format -> every format --------------------------------------------
 kinds=("raw -" "vhd fixed" "vhd dynamic" "vdi static" "vdi dynamic")
@@ -257,7 +257,7 @@ must_contain "$tmpdir/err" "bad.vdi"
 ls -a "$tmpdir" | grep -Eq '^\..*\.imagenbd-[0-9a-f]{8}$' && fail "temporary files left: $(ls -a "$tmpdir")"
 
 # --- differencing inputs are flattened ----------------------------------------------
-if "$IMAGENBD" create --help | grep -q -- '--parent'; then
+if "$IMAGENBD" create --help | grep -- "--parent" >/dev/null; then
     "$IMAGENBD" convert -O vhd "$src" "$tmpdir/base.vhd"
     "$IMAGENBD" create -f vhd --parent "$tmpdir/base.vhd" "$tmpdir/child.vhd"
     cp "$src" "$tmpdir/child.raw"
