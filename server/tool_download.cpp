@@ -85,7 +85,9 @@ void create_part(Download& d, uint64_t size) {
   const int fd = ::open(d.part.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
   if (fd < 0) backends::fail_errno(errno, d.part);
   d.part_created = true;
-  const int rc = ::ftruncate(fd, static_cast<off_t>(size));
+  // fsync here too: a blob without data never reaches the file device's flush.
+  int rc = ::ftruncate(fd, static_cast<off_t>(size));
+  if (rc == 0) rc = ::fsync(fd);
   const int error = errno;
   ::close(fd);
   if (rc != 0) backends::fail_errno(error, fmt::format("{}: set the size to {}", d.part, size));
