@@ -18,9 +18,9 @@
 #include "server/cli.hpp"
 #include "server/exports.hpp"
 #include "server/server.hpp"
-#include "server/tool_common.hpp"
 #include "server/tool_blob.hpp"
 #include "server/tool_check.hpp"
+#include "server/tool_common.hpp"
 #include "server/tool_convert.hpp"
 #include "server/tool_create.hpp"
 #include "server/tool_info.hpp"
@@ -55,6 +55,23 @@ Blob storage commands (Azure; 'imagenbd COMMAND --help' for each):
 )",
              stdout);
   std::fputs(server::serve_help(), stdout);
+}
+
+// Gives back what the exports hold outside the process (blob leases), last, once nothing
+// will be written any more; also when start-up failed after some exports were opened, so
+// that an immediate restart is not refused by our own lease.
+void close_leaves(const server::ExportRegistry& registry) {
+  for (const auto& e : registry.all()) {
+    if (!e->leaf) continue;
+    try {
+      server::run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
+        co_await d->close();
+        co_return 0;
+      }(e->leaf));
+    } catch (const std::exception& ex) {
+      log::warn("export '{}': {}", e->name, ex.what());
+    }
+  }
 }
 
 int serve(int argc, char** argv) {
@@ -98,6 +115,7 @@ int serve(int argc, char** argv) {
     srv.run();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "imagenbd: %s\n", e.what());
+    close_leaves(*registry);
     return 1;
   }
   // Every connection flushed what it wrote; flush once more for writes of clients that
@@ -114,18 +132,7 @@ int serve(int argc, char** argv) {
       return 1;
     }
   }
-  // Leases and the like go back last, once nothing will be written any more.
-  for (const auto& e : registry->all()) {
-    if (!e->leaf) continue;
-    try {
-      server::run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
-        co_await d->close();
-        co_return 0;
-      }(e->leaf));
-    } catch (const std::exception& ex) {
-      log::warn("export '{}': {}", e->name, ex.what());
-    }
-  }
+  close_leaves(*registry);
   log::info("stopped");
   return 0;
 }
