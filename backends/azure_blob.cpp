@@ -98,6 +98,23 @@ void add(http::Request& r, std::string name, std::string value) {
   r.headers.push_back(http::Header{std::move(name), std::move(value)});
 }
 
+// Writes address the base blob; a location with a snapshot is read-only.
+void refuse_snapshot_write(const BlobLocation& where) {
+  if (!where.snapshot.empty()) {
+    fail(std::errc::read_only_file_system, "azure: {}: a snapshot cannot be written",
+         where.display());
+  }
+}
+
+// Lease Blob: a PUT to url (?comp=lease) with the action; the caller adds the action's headers.
+http::Request lease_request(std::string url, std::string_view action) {
+  http::Request request;
+  request.method = "PUT";
+  request.url = std::move(url);
+  add(request, "x-ms-lease-action", std::string(action));
+  return request;
+}
+
 // Checks "bytes S-E/TOTAL" against what was asked; returns what is wrong, or "".
 std::string check_content_range(const std::string* header, uint64_t offset, uint64_t length,
                                 uint64_t expected_size) {
@@ -171,6 +188,14 @@ asio::awaitable<http::Response> BlobClient::perform(std::string_view operation,
   }
 }
 
+asio::awaitable<http::Response> BlobClient::perform_expecting(std::string_view operation,
+                                                              const http::Request& request,
+                                                              int expected, bool idempotent) {
+  http::Response response = co_await perform(operation, request, idempotent);
+  if (response.status != expected) refuse(operation, response);
+  co_return response;
+}
+
 void BlobClient::refuse(std::string_view operation, const http::Response& response,
                         std::string_view body) const {
   const ServiceError parsed = parse_error(body.empty() ? std::string_view(response.body) : body);
@@ -189,8 +214,7 @@ asio::awaitable<BlobProperties> BlobClient::properties() {
   http::Request request;
   request.method = "HEAD";
   request.url = blob_url("", true);
-  const http::Response r = co_await perform("Get Blob Properties", request, true);
-  if (r.status != 200) refuse("Get Blob Properties", r);
+  const http::Response r = co_await perform_expecting("Get Blob Properties", request, 200);
   BlobProperties p;
   p.size = parse_u64(r.header("content-length"));
   p.blob_type = header_or_empty(r, "x-ms-blob-type");
@@ -242,10 +266,7 @@ asio::awaitable<void> BlobClient::put_pages(uint64_t offset, std::span<const std
          "most 4 MiB",
          where_.display(), offset, data.size());
   }
-  if (!where_.snapshot.empty()) {
-    fail(std::errc::read_only_file_system, "azure: {}: a snapshot cannot be written",
-         where_.display());
-  }
+  refuse_snapshot_write(where_);
   http::Request request;
   request.method = "PUT";
   request.url = blob_url("comp=page", false);
@@ -254,8 +275,7 @@ asio::awaitable<void> BlobClient::put_pages(uint64_t offset, std::span<const std
   if (options.content_md5) add(request, "Content-MD5", content_md5(data));
   if (!options.lease_id.empty()) add(request, "x-ms-lease-id", options.lease_id);
   request.body = data;
-  const http::Response r = co_await perform("Put Page", request, true);
-  if (r.status != 201) refuse("Put Page", r);
+  co_await perform_expecting("Put Page", request, 201);
 }
 
 asio::awaitable<void> BlobClient::clear_pages(uint64_t offset, uint64_t length,
@@ -265,18 +285,14 @@ asio::awaitable<void> BlobClient::clear_pages(uint64_t offset, uint64_t length,
          "azure: {}: Clear Page at offset {} length {}: pages must be 512-byte aligned",
          where_.display(), offset, length);
   }
-  if (!where_.snapshot.empty()) {
-    fail(std::errc::read_only_file_system, "azure: {}: a snapshot cannot be written",
-         where_.display());
-  }
+  refuse_snapshot_write(where_);
   http::Request request;
   request.method = "PUT";
   request.url = blob_url("comp=page", false);
   add(request, "x-ms-page-write", "clear");
   add(request, "x-ms-range", range_header(offset, length));
   if (!lease_id.empty()) add(request, "x-ms-lease-id", lease_id);
-  const http::Response r = co_await perform("Clear Page", request, true);
-  if (r.status != 201) refuse("Clear Page", r);
+  co_await perform_expecting("Clear Page", request, 201);
 }
 
 asio::awaitable<std::vector<PageRange>> BlobClient::page_ranges(uint64_t offset, uint64_t length) {
@@ -288,8 +304,7 @@ asio::awaitable<std::vector<PageRange>> BlobClient::page_ranges(uint64_t offset,
     if (!marker.empty()) query += "&marker=" + encode_query_value(marker);
     request.url = blob_url(query, true);
     if (length != 0) add(request, "x-ms-range", range_header(offset, length));
-    const http::Response r = co_await perform("Get Page Ranges", request, true);
-    if (r.status != 200) refuse("Get Page Ranges", r);
+    const http::Response r = co_await perform_expecting("Get Page Ranges", request, 200);
     PageList list = parse_page_list(r.body);
     all.insert(all.end(), list.ranges.begin(), list.ranges.end());
     marker = std::move(list.next_marker);
@@ -326,8 +341,7 @@ asio::awaitable<void> BlobClient::put_block(const std::string& block_id,
   request.url = blob_url("comp=block&blockid=" + encode_query_value(block_id), false);
   if (md5) add(request, "Content-MD5", content_md5(data));
   request.body = data;
-  const http::Response r = co_await perform("Put Block", request, true);
-  if (r.status != 201) refuse("Put Block", r);
+  co_await perform_expecting("Put Block", request, 201);
 }
 
 asio::awaitable<void> BlobClient::put_block_list(const std::vector<std::string>& block_ids) {
@@ -339,8 +353,7 @@ asio::awaitable<void> BlobClient::put_block_list(const std::vector<std::string>&
   request.method = "PUT";
   request.url = blob_url("comp=blocklist", false);
   request.body = std::as_bytes(std::span(xml.data(), xml.size()));
-  const http::Response r = co_await perform("Put Block List", request, true);
-  if (r.status != 201) refuse("Put Block List", r);
+  co_await perform_expecting("Put Block List", request, 201);
 }
 
 asio::awaitable<std::string> BlobClient::snapshot() {
@@ -352,8 +365,7 @@ asio::awaitable<std::string> BlobClient::snapshot() {
   request.method = "PUT";
   request.url = blob_url("comp=snapshot", false);
   // Not idempotent: a retry after a lost answer would leave a second snapshot behind.
-  const http::Response r = co_await perform("Snapshot Blob", request, false);
-  if (r.status != 201) refuse("Snapshot Blob", r);
+  const http::Response r = co_await perform_expecting("Snapshot Blob", request, 201, false);
   std::string timestamp = header_or_empty(r, "x-ms-snapshot");
   if (timestamp.empty()) {
     fail(std::errc::io_error, "azure: {}: Snapshot Blob: no x-ms-snapshot in the answer",
@@ -368,8 +380,7 @@ asio::awaitable<void> BlobClient::remove(bool with_snapshots, const std::string&
   request.url = blob_url("", true);
   if (with_snapshots && where_.snapshot.empty()) add(request, "x-ms-delete-snapshots", "include");
   if (!lease_id.empty()) add(request, "x-ms-lease-id", lease_id);
-  const http::Response r = co_await perform("Delete Blob", request, true);
-  if (r.status != 202) refuse("Delete Blob", r);
+  co_await perform_expecting("Delete Blob", request, 202);
 }
 
 asio::awaitable<std::string> BlobClient::lease_acquire(int duration_seconds,
@@ -380,14 +391,10 @@ asio::awaitable<std::string> BlobClient::lease_acquire(int duration_seconds,
          "azure: {}: lease duration {} s: it must be 15 to 60 seconds, or infinite",
          where_.display(), duration_seconds);
   }
-  http::Request request;
-  request.method = "PUT";
-  request.url = blob_url("comp=lease", false);
-  add(request, "x-ms-lease-action", "acquire");
+  http::Request request = lease_request(blob_url("comp=lease", false), "acquire");
   add(request, "x-ms-lease-duration", std::to_string(duration_seconds));
   add(request, "x-ms-proposed-lease-id", proposed_id.empty() ? random_guid() : proposed_id);
-  const http::Response r = co_await perform("Lease Blob (acquire)", request, true);
-  if (r.status != 201) refuse("Lease Blob (acquire)", r);
+  const http::Response r = co_await perform_expecting("Lease Blob (acquire)", request, 201);
   std::string id = header_or_empty(r, "x-ms-lease-id");
   if (id.empty()) {
     fail(std::errc::io_error, "azure: {}: Lease Blob (acquire): no x-ms-lease-id in the answer",
@@ -397,23 +404,15 @@ asio::awaitable<std::string> BlobClient::lease_acquire(int duration_seconds,
 }
 
 asio::awaitable<void> BlobClient::lease_renew(const std::string& lease_id) {
-  http::Request request;
-  request.method = "PUT";
-  request.url = blob_url("comp=lease", false);
-  add(request, "x-ms-lease-action", "renew");
+  http::Request request = lease_request(blob_url("comp=lease", false), "renew");
   add(request, "x-ms-lease-id", lease_id);
-  const http::Response r = co_await perform("Lease Blob (renew)", request, true);
-  if (r.status != 200) refuse("Lease Blob (renew)", r);
+  co_await perform_expecting("Lease Blob (renew)", request, 200);
 }
 
 asio::awaitable<void> BlobClient::lease_release(const std::string& lease_id) {
-  http::Request request;
-  request.method = "PUT";
-  request.url = blob_url("comp=lease", false);
-  add(request, "x-ms-lease-action", "release");
+  http::Request request = lease_request(blob_url("comp=lease", false), "release");
   add(request, "x-ms-lease-id", lease_id);
-  const http::Response r = co_await perform("Lease Blob (release)", request, true);
-  if (r.status != 200) refuse("Lease Blob (release)", r);
+  co_await perform_expecting("Lease Blob (release)", request, 200);
 }
 
 asio::awaitable<int> BlobClient::lease_break(int break_period_seconds) {
@@ -421,13 +420,9 @@ asio::awaitable<int> BlobClient::lease_break(int break_period_seconds) {
     fail(std::errc::invalid_argument, "azure: {}: break period {} s: it must be 0 to 60 seconds",
          where_.display(), break_period_seconds);
   }
-  http::Request request;
-  request.method = "PUT";
-  request.url = blob_url("comp=lease", false);
-  add(request, "x-ms-lease-action", "break");
+  http::Request request = lease_request(blob_url("comp=lease", false), "break");
   add(request, "x-ms-lease-break-period", std::to_string(break_period_seconds));
-  const http::Response r = co_await perform("Lease Blob (break)", request, true);
-  if (r.status != 202) refuse("Lease Blob (break)", r);
+  const http::Response r = co_await perform_expecting("Lease Blob (break)", request, 202);
   co_return static_cast<int>(parse_u64(r.header("x-ms-lease-time")));
 }
 
@@ -442,8 +437,7 @@ asio::awaitable<std::vector<BlobItem>> BlobClient::list(const std::string& prefi
     if (!marker.empty()) query += "&marker=" + encode_query_value(marker);
     http::Request request;
     request.url = container_url(query);
-    const http::Response r = co_await perform("List Blobs", request, true);
-    if (r.status != 200) refuse("List Blobs", r);
+    const http::Response r = co_await perform_expecting("List Blobs", request, 200);
     BlobList list = parse_blob_list(r.body);
     for (auto& item : list.blobs) all.push_back(std::move(item));
     marker = std::move(list.next_marker);
@@ -467,8 +461,7 @@ asio::awaitable<void> BlobClient::delete_container() {
   http::Request request;
   request.method = "DELETE";
   request.url = container_url("restype=container");
-  const http::Response r = co_await perform("Delete Container", request, true);
-  if (r.status != 202) refuse("Delete Container", r);
+  co_await perform_expecting("Delete Container", request, 202);
 }
 
 }  // namespace imagenbd::backends::azure

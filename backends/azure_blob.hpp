@@ -120,6 +120,10 @@ class BlobClient {
   // transport failure that outlasts the retries is rethrown naming the operation.
   asio::awaitable<http::Response> perform(std::string_view operation, const http::Request& request,
                                           bool idempotent);
+  // perform(), then refuse() any status but `expected`: what most operations are.
+  asio::awaitable<http::Response> perform_expecting(std::string_view operation,
+                                                    const http::Request& request, int expected,
+                                                    bool idempotent = true);
   // Throws the BlobError for a response with an unexpected status.
   [[noreturn]] void refuse(std::string_view operation, const http::Response& response,
                            std::string_view body = {}) const;
