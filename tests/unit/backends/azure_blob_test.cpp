@@ -9,33 +9,16 @@
 
 #include "backends/azure_blob.hpp"
 #include "backends/azure_credentials.hpp"
+#include "tests/unit/support/azure_test_client.hpp"
 #include "tests/unit/support/http_test_server.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
+using imagenbd::test::blob_client_for;
 using imagenbd::test::HttpTestServer;
 using imagenbd::test::run;
 
 namespace {
-
-// A client for devstoreaccount1/images/disk.vhd[@snapshot] served by `server`.
-azure::BlobClient client_for(const HttpTestServer& server, std::string snapshot = {}) {
-  azure::BlobLocation where;
-  where.endpoint = server.url("/devstoreaccount1");
-  where.account = "devstoreaccount1";
-  where.container = "images";
-  where.blob = "disk.vhd";
-  where.snapshot = std::move(snapshot);
-  azure::Credentials credentials;
-  credentials.account = "devstoreaccount1";
-  credentials.key = std::string(azure::dev_key);
-  credentials.blob_endpoint = where.endpoint;
-  http::RetryPolicy retry;
-  retry.first_delay = std::chrono::milliseconds(1);
-  retry.max_delay = std::chrono::milliseconds(5);
-  retry.deadline = std::chrono::milliseconds(2000);
-  return azure::BlobClient(where, credentials, retry);
-}
 
 HttpTestServer::Reply range_reply(int status, std::string content_range, std::string body) {
   HttpTestServer::Reply r;
@@ -60,7 +43,7 @@ TEST_CASE("read sends x-ms-range and accepts exactly the 206 asked for") {
   HttpTestServer server([](const HttpTestServer::Received&) {
     return range_reply(206, "bytes 1024-1027/4096", "abcd");
   });
-  auto blob = client_for(server, "2026-11-21T04:55:55.2300000Z");
+  auto blob = blob_client_for(server, "2026-11-21T04:55:55.2300000Z");
   std::vector<std::byte> out(4);
   run(blob.read(1024, out, 4096));
   CHECK(std::string(reinterpret_cast<const char*>(out.data()), 4) == "abcd");
@@ -77,7 +60,7 @@ TEST_CASE("read sends x-ms-range and accepts exactly the 206 asked for") {
 TEST_CASE("read never trusts a 200, another range, another size or a short body") {
   HttpTestServer::Reply reply;
   HttpTestServer server([&reply](const HttpTestServer::Received&) { return reply; });
-  auto blob = client_for(server);
+  auto blob = blob_client_for(server);
   std::vector<std::byte> out(4);
   auto read = [&] { run(blob.read(1024, out, 4096)); };
 
@@ -105,7 +88,7 @@ TEST_CASE("put_pages sends update, range, Content-MD5 and the lease id") {
     r.status = 201;
     return r;
   });
-  auto blob = client_for(server);
+  auto blob = blob_client_for(server);
   const std::vector<std::byte> zeroes(512);
   azure::PagePutOptions options;
   options.lease_id = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
@@ -129,7 +112,7 @@ TEST_CASE("put_pages sends update, range, Content-MD5 and the lease id") {
 
 TEST_CASE("put_pages refuses what the service would (Azurite does not): nothing is sent") {
   HttpTestServer server([](const HttpTestServer::Received&) { return HttpTestServer::Reply{}; });
-  auto blob = client_for(server);
+  auto blob = blob_client_for(server);
   const std::vector<std::byte> big((4u << 20) + 512);
   const std::vector<std::byte> odd(1000);
   const std::vector<std::byte> one(512);
@@ -152,7 +135,7 @@ TEST_CASE("a lease refusal is a BlobError with status, code and lease_lost()") {
         "</Code><Message>The lease ID specified did not match.</Message></Error>";
     return r;
   });
-  auto blob = client_for(server);
+  auto blob = blob_client_for(server);
   const std::vector<std::byte> one(512);
   const azure::PagePutOptions options;
   try {
@@ -176,7 +159,7 @@ TEST_CASE("every lease acquire carries a duration and a proposed id") {
     reply.headers.push_back({"x-ms-lease-id", id ? *id : "none"});
     return reply;
   });
-  auto blob = client_for(server);
+  auto blob = blob_client_for(server);
   const std::string proposed = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
   CHECK(run(blob.lease_acquire(15, proposed)) == proposed);
   const std::string random_id = run(blob.lease_acquire(60, std::string()));
@@ -208,7 +191,7 @@ TEST_CASE("a 503 is retried with a fresh signature, a snapshot is not retried") 
     }
     return reply;
   });
-  auto blob = client_for(server);
+  auto blob = blob_client_for(server);
   const std::vector<std::byte> one(512);
   const azure::PagePutOptions options;
   run(blob.put_pages(0, one, options));

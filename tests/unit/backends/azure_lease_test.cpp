@@ -9,32 +9,18 @@
 
 #include "backends/azure_blob.hpp"
 #include "backends/azure_lease.hpp"
+#include "tests/unit/support/azure_test_client.hpp"
 #include "tests/unit/support/http_test_server.hpp"
 #include "tests/unit/support/run.hpp"
 
 using namespace imagenbd::backends;
+using imagenbd::test::blob_client_for;
 using imagenbd::test::HttpTestServer;
 using imagenbd::test::run;
 
 namespace {
 
 const std::string our_id = "3f2504e0-4f89-41d3-9a0c-0305e82c3301";
-
-azure::BlobClient client_for(const HttpTestServer& server) {
-  azure::BlobLocation where;
-  where.endpoint = server.url("/devstoreaccount1");
-  where.account = "devstoreaccount1";
-  where.container = "images";
-  where.blob = "disk.vhd";
-  azure::Credentials credentials;
-  credentials.account = "devstoreaccount1";
-  credentials.key = std::string(azure::dev_key);
-  credentials.blob_endpoint = where.endpoint;
-  http::RetryPolicy retry;
-  retry.first_delay = std::chrono::milliseconds(1);
-  retry.deadline = std::chrono::milliseconds(1000);
-  return azure::BlobClient(where, credentials, retry);
-}
 
 // A blob leased by someone else until it is broken; records the lease actions.
 struct LeasedBlob {
@@ -86,7 +72,7 @@ struct LeasedBlob {
 TEST_CASE("a lease held by another writer is refused, naming --force and --snapshot") {
   LeasedBlob blob;
   HttpTestServer server([&blob](const HttpTestServer::Received& r) { return blob.answer(r); });
-  const auto client = client_for(server);
+  const auto client = blob_client_for(server);
   try {
     run(azure::LeaseKeeper::acquire(client, 60, our_id, false));
     FAIL("the lease of another writer was taken");
@@ -104,7 +90,7 @@ TEST_CASE("a lease held by another writer is refused, naming --force and --snaps
 TEST_CASE("--force breaks the other lease, takes it, and a release gives it back once") {
   LeasedBlob blob;
   HttpTestServer server([&blob](const HttpTestServer::Received& r) { return blob.answer(r); });
-  const auto client = client_for(server);
+  const auto client = blob_client_for(server);
   auto lease = run(azure::LeaseKeeper::acquire(client, 60, our_id, true));
   CHECK(lease->id() == our_id);
   CHECK_FALSE(lease->lost());
@@ -118,7 +104,7 @@ TEST_CASE("an expired lease is reclaimed by renewing our id, and lost if someone
   LeasedBlob blob;
   blob.leased_by_other = false;
   HttpTestServer server([&blob](const HttpTestServer::Received& r) { return blob.answer(r); });
-  const auto client = client_for(server);
+  const auto client = blob_client_for(server);
   auto lease = run(azure::LeaseKeeper::acquire(client, 15, our_id, false));
   CHECK(run(lease->reclaim()));
   CHECK_FALSE(lease->lost());
@@ -136,7 +122,7 @@ TEST_CASE("an expired lease is reclaimed by renewing our id, and lost if someone
 TEST_CASE("lease durations outside 15..60 s are refused before any request") {
   LeasedBlob blob;
   HttpTestServer server([&blob](const HttpTestServer::Received& r) { return blob.answer(r); });
-  const auto client = client_for(server);
+  const auto client = blob_client_for(server);
   for (int duration : {-1, 0, 14, 61}) {
     CHECK_THROWS_AS(run(azure::LeaseKeeper::acquire(client, duration, our_id, false)), Error);
   }

@@ -7,54 +7,36 @@
 #include <vector>
 
 #include "server/cli.hpp"
+#include "tests/unit/support/serve_args.hpp"
 
-using imagenbd::server::parse_serve;
 using imagenbd::server::ServeCommand;
 using imagenbd::server::UsageError;
 
-namespace {
-
-ServeCommand parse(std::initializer_list<const char*> args) {
-  std::vector<std::string> storage{"serve"};
-  storage.insert(storage.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& s : storage) argv.push_back(s.data());
-  argv.push_back(nullptr);
-  return parse_serve(static_cast<int>(storage.size()), argv.data());
-}
-
-std::string usage_error(std::initializer_list<const char*> args) {
-  try {
-    parse(args);
-  } catch (const UsageError& e) {
-    return e.what();
-  }
-  return "no error";
-}
-
-}  // namespace
+using imagenbd::test::parse_serve_args;
+using imagenbd::test::serve_usage_error;
 
 TEST_CASE("URIs with '=' in the query are not taken for NAME=IMAGE") {
-  auto one = parse({"az://acct/images/disk.vhd?snapshot=2026-11-21T04:55:55.2300000Z"});
+  auto one = parse_serve_args({"az://acct/images/disk.vhd?snapshot=2026-11-21T04:55:55.2300000Z"});
   REQUIRE(one.exports.size() == 1);
   CHECK(one.exports[0].name == "");
   CHECK(one.exports[0].image == "az://acct/images/disk.vhd?snapshot=2026-11-21T04:55:55.2300000Z");
-  auto sas = parse({"https://acct.blob.core.windows.net/c/d.vhd?sv=2021-08-06&sig=a%2Bb="});
+  auto sas =
+      parse_serve_args({"https://acct.blob.core.windows.net/c/d.vhd?sv=2021-08-06&sig=a%2Bb="});
   CHECK(sas.exports[0].name == "");
   CHECK(sas.exports[0].image.starts_with("https://"));
-  auto named = parse({"disk=az://acct/images/disk.vhd?snapshot=T",
-                      "local=http://127.0.0.1:10000/devstoreaccount1/c/b?sv=1&sig=x"});
+  auto named = parse_serve_args({"disk=az://acct/images/disk.vhd?snapshot=T",
+                                 "local=http://127.0.0.1:10000/devstoreaccount1/c/b?sv=1&sig=x"});
   REQUIRE(named.exports.size() == 2);
   CHECK(named.exports[0].name == "disk");
   CHECK(named.exports[0].image == "az://acct/images/disk.vhd?snapshot=T");
   CHECK(named.exports[1].name == "local");
   CHECK(named.exports[1].image == "http://127.0.0.1:10000/devstoreaccount1/c/b?sv=1&sig=x");
   // A prefix with ':' before the '=' is part of the image too.
-  CHECK(parse({"file:a=b.img"}).exports[0].image == "file:a=b.img");
+  CHECK(parse_serve_args({"file:a=b.img"}).exports[0].image == "file:a=b.img");
 }
 
 TEST_CASE("Azure defaults: live blob, no force, 60 s lease and retry deadline") {
-  auto cmd = parse({"az://acct/images/disk.vhd"});
+  auto cmd = parse_serve_args({"az://acct/images/disk.vhd"});
   const auto& spec = cmd.exports.at(0);
   CHECK(spec.snapshot.empty());
   CHECK_FALSE(spec.force);
@@ -64,16 +46,17 @@ TEST_CASE("Azure defaults: live blob, no force, 60 s lease and retry deadline") 
 }
 
 TEST_CASE("--snapshot takes a new snapshot or names one, and implies read-only") {
-  auto fresh = parse({"--snapshot", "az://acct/images/disk.vhd"});
+  auto fresh = parse_serve_args({"--snapshot", "az://acct/images/disk.vhd"});
   CHECK(fresh.exports.at(0).snapshot == "new");
   CHECK(fresh.exports.at(0).read_only);
-  auto named = parse({"--snapshot=2026-11-21T04:55:55.2300000Z", "az://acct/images/disk.vhd"});
+  auto named =
+      parse_serve_args({"--snapshot=2026-11-21T04:55:55.2300000Z", "az://acct/images/disk.vhd"});
   CHECK(named.exports.at(0).snapshot == "2026-11-21T04:55:55.2300000Z");
   CHECK(named.exports.at(0).read_only);
 }
 
 TEST_CASE("--force, --lease-duration and --retry-deadline reach every export") {
-  auto cmd = parse(
+  auto cmd = parse_serve_args(
       {"--force", "--lease-duration=15", "--retry-deadline", "5", "a=az://x/c/a", "b=az://x/c/b"});
   REQUIRE(cmd.exports.size() == 2);
   for (const auto& spec : cmd.exports) {
@@ -84,12 +67,14 @@ TEST_CASE("--force, --lease-duration and --retry-deadline reach every export") {
 }
 
 TEST_CASE("Azure usage errors say what is wrong") {
-  CHECK(usage_error({"--lease-duration=10", "az://x/c/b"}).find("15 to 60") != std::string::npos);
-  CHECK(usage_error({"--lease-duration=61", "az://x/c/b"}).find("--lease-duration") !=
+  CHECK(serve_usage_error({"--lease-duration=10", "az://x/c/b"}).find("15 to 60") !=
         std::string::npos);
-  CHECK(usage_error({"--retry-deadline=soon", "az://x/c/b"}).find("--retry-deadline") !=
+  CHECK(serve_usage_error({"--lease-duration=61", "az://x/c/b"}).find("--lease-duration") !=
         std::string::npos);
-  CHECK(usage_error({"--force", "-r", "az://x/c/b"}).find("--read-only") != std::string::npos);
-  CHECK(usage_error({"--force", "--snapshot", "az://x/c/b"}).find("--snapshot") !=
+  CHECK(serve_usage_error({"--retry-deadline=soon", "az://x/c/b"}).find("--retry-deadline") !=
+        std::string::npos);
+  CHECK(serve_usage_error({"--force", "-r", "az://x/c/b"}).find("--read-only") !=
+        std::string::npos);
+  CHECK(serve_usage_error({"--force", "--snapshot", "az://x/c/b"}).find("--snapshot") !=
         std::string::npos);
 }
