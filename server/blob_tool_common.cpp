@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <charconv>
 #include <cstring>
+#include <span>
 #include <stdexcept>
+#include <vector>
 
 #include <fmt/format.h>
 
@@ -83,36 +85,32 @@ int parse_int_in(std::string_view text, int low, int high, std::string_view what
   return value;
 }
 
-UploadCommand parse_upload(int argc, char** argv) {
-  enum : int { opt_block_size = 1000, opt_blob_type, opt_parallel, opt_overwrite, opt_json };
-  static const option long_options[] = {
-      {"block-size", required_argument, nullptr, opt_block_size},
-      {"blob-type", required_argument, nullptr, opt_blob_type},
-      {"parallel", required_argument, nullptr, opt_parallel},
-      {"overwrite", no_argument, nullptr, opt_overwrite},
-      {"progress", no_argument, nullptr, 'p'},
-      {"json", no_argument, nullptr, opt_json},
-      {"help", no_argument, nullptr, 'h'},
-      {nullptr, 0, nullptr, 0},
-  };
-  UploadCommand cmd;
+namespace {
+
+// Upload's and download's shared options; each command's own have ids from 1000.
+enum : int { opt_parallel = 2000, opt_overwrite, opt_json };
+
+// getopt over the command's own options and the shared ones (--parallel, --overwrite,
+// -p/--progress, --json, -h/--help), which it stores in cmd; an own option goes to
+// on_own. Stops at --help (cmd.help); otherwise argv[optind...] are the operands.
+template <class Command, class OnOwn>
+void parse_transfer_options(int argc, char** argv, std::span<const option> own_options,
+                            Command& cmd, OnOwn on_own) {
+  std::vector<option> long_options(own_options.begin(), own_options.end());
+  long_options.insert(long_options.end(),
+                      {
+                          {"parallel", required_argument, nullptr, opt_parallel},
+                          {"overwrite", no_argument, nullptr, opt_overwrite},
+                          {"progress", no_argument, nullptr, 'p'},
+                          {"json", no_argument, nullptr, opt_json},
+                          {"help", no_argument, nullptr, 'h'},
+                          {nullptr, 0, nullptr, 0},
+                      });
   optind = 0;
   opterr = 0;
   int c;
-  while ((c = getopt_long(argc, argv, "ph", long_options, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, "ph", long_options.data(), nullptr)) != -1) {
     switch (c) {
-      case opt_block_size:
-        cmd.block_size = parse_block_size(optarg);
-        break;
-      case opt_blob_type:
-        if (std::strcmp(optarg, "page") == 0) {
-          cmd.block_blob = false;
-        } else if (std::strcmp(optarg, "block") == 0) {
-          cmd.block_blob = true;
-        } else {
-          usage(fmt::format("--blob-type '{}' is not page or block", optarg));
-        }
-        break;
       case opt_parallel:
         cmd.parallel = parse_parallel(optarg);
         break;
@@ -127,11 +125,37 @@ UploadCommand parse_upload(int argc, char** argv) {
         break;
       case 'h':
         cmd.help = true;
-        return cmd;
-      default:
+        return;
+      case '?':
+      case ':':
         usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
+      default:
+        on_own(c);
     }
   }
+}
+
+}  // namespace
+
+UploadCommand parse_upload(int argc, char** argv) {
+  enum : int { opt_block_size = 1000, opt_blob_type };
+  static const option own_options[] = {
+      {"block-size", required_argument, nullptr, opt_block_size},
+      {"blob-type", required_argument, nullptr, opt_blob_type},
+  };
+  UploadCommand cmd;
+  parse_transfer_options(argc, argv, own_options, cmd, [&cmd](int c) {
+    if (c == opt_block_size) {
+      cmd.block_size = parse_block_size(optarg);
+    } else if (std::strcmp(optarg, "page") == 0) {  // opt_blob_type
+      cmd.block_blob = false;
+    } else if (std::strcmp(optarg, "block") == 0) {
+      cmd.block_blob = true;
+    } else {
+      usage(fmt::format("--blob-type '{}' is not page or block", optarg));
+    }
+  });
+  if (cmd.help) return cmd;
   if (argc - optind != 2) usage("expected FILE and URI");
   cmd.file = argv[optind];
   cmd.uri = argv[optind + 1];
@@ -139,45 +163,16 @@ UploadCommand parse_upload(int argc, char** argv) {
 }
 
 DownloadCommand parse_download(int argc, char** argv) {
-  enum : int { opt_snapshot = 1000, opt_parallel, opt_overwrite, opt_json };
-  static const option long_options[] = {
+  enum : int { opt_snapshot = 1000 };
+  static const option own_options[] = {
       {"snapshot", required_argument, nullptr, opt_snapshot},
-      {"parallel", required_argument, nullptr, opt_parallel},
-      {"overwrite", no_argument, nullptr, opt_overwrite},
-      {"progress", no_argument, nullptr, 'p'},
-      {"json", no_argument, nullptr, opt_json},
-      {"help", no_argument, nullptr, 'h'},
-      {nullptr, 0, nullptr, 0},
   };
   DownloadCommand cmd;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, "ph", long_options, nullptr)) != -1) {
-    switch (c) {
-      case opt_snapshot:
-        if (*optarg == '\0') usage("--snapshot needs the snapshot's timestamp");
-        cmd.snapshot = optarg;
-        break;
-      case opt_parallel:
-        cmd.parallel = parse_parallel(optarg);
-        break;
-      case opt_overwrite:
-        cmd.overwrite = true;
-        break;
-      case 'p':
-        cmd.progress = true;
-        break;
-      case opt_json:
-        cmd.json = true;
-        break;
-      case 'h':
-        cmd.help = true;
-        return cmd;
-      default:
-        usage(fmt::format("unknown or incomplete option '{}'", argv[optind - 1]));
-    }
-  }
+  parse_transfer_options(argc, argv, own_options, cmd, [&cmd](int) {  // only opt_snapshot
+    if (*optarg == '\0') usage("--snapshot needs the snapshot's timestamp");
+    cmd.snapshot = optarg;
+  });
+  if (cmd.help) return cmd;
   if (argc - optind != 2) usage("expected URI and FILE");
   cmd.uri = argv[optind];
   cmd.file = argv[optind + 1];
