@@ -196,9 +196,8 @@ asio::awaitable<http::Response> BlobClient::perform_expecting(std::string_view o
   co_return response;
 }
 
-void BlobClient::refuse(std::string_view operation, const http::Response& response,
-                        std::string_view body) const {
-  const ServiceError parsed = parse_error(body.empty() ? std::string_view(response.body) : body);
+void BlobClient::refuse(std::string_view operation, const http::Response& response) const {
+  const ServiceError parsed = parse_error(response.body);
   std::string code = header_or_empty(response, "x-ms-error-code");
   if (code.empty()) code = parsed.code;
   std::string message = parsed.message;
@@ -241,8 +240,7 @@ asio::awaitable<void> BlobClient::read(uint64_t offset, std::span<std::byte> out
            "blob) instead of 206 for a range; refusing the data",
            where_.display(), offset, out.size());
     }
-    const auto n = std::min(r.body_size, out.size());
-    refuse("Get Blob", r, std::string_view(reinterpret_cast<const char*>(out.data()), n));
+    refuse("Get Blob", r);
   }
   const std::string wrong =
       check_content_range(r.header("content-range"), offset, out.size(), expected_size);

@@ -125,8 +125,7 @@ class BlobClient {
                                                     const http::Request& request, int expected,
                                                     bool idempotent = true);
   // Throws the BlobError for a response with an unexpected status.
-  [[noreturn]] void refuse(std::string_view operation, const http::Response& response,
-                           std::string_view body = {}) const;
+  [[noreturn]] void refuse(std::string_view operation, const http::Response& response) const;
   // location().url() with the query parameters (and snapshot= for reads of a snapshot).
   std::string blob_url(std::string_view query, bool with_snapshot) const;
   std::string container_url(std::string_view query) const;

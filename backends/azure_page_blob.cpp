@@ -42,18 +42,6 @@ uint64_t round_up(uint64_t x) {
   return (x + page - 1) / page * page;
 }
 
-// Runs tasks side by side, or inline when there is only one. (The awaitable is a named
-// local: GCC 12 mishandles temporaries inside a co_await expression.)
-asio::awaitable<void> run_all(std::vector<Task> tasks, std::size_t width) {
-  if (tasks.empty()) co_return;
-  if (tasks.size() == 1) {
-    co_await tasks.front()();
-    co_return;
-  }
-  auto all = run_parallel(std::move(tasks), std::max<std::size_t>(width, 1));
-  co_await std::move(all);
-}
-
 class AzurePageBlob final : public BlockDevice {
  public:
   AzurePageBlob(BlobClient blob, uint64_t size, bool writable, bool snapshot,
@@ -119,7 +107,7 @@ class AzurePageBlob final : public BlockDevice {
             [this, o, piece]() -> asio::awaitable<void> { co_await blob_.read(o, piece, size_); });
       }
     }
-    auto all = run_all(std::move(tasks), options_.parallel);
+    auto all = run_parallel(std::move(tasks), options_.parallel);
     co_await std::move(all);
   }
 
@@ -139,7 +127,7 @@ class AzurePageBlob final : public BlockDevice {
         tasks.push_back(
             [this, o, piece]() -> asio::awaitable<void> { co_await put_pages(o, piece); });
       }
-      auto all = run_all(std::move(tasks), options_.parallel);
+      auto all = run_parallel(std::move(tasks), options_.parallel);
       co_await std::move(all);
     }
     // Unaligned edges: read-modify-write of their page, one at a time, so that two

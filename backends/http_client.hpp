@@ -50,7 +50,7 @@ struct Request {
 struct Response {
   long status = 0;
   std::vector<Header> headers;  // names lowercased, in the order received (last response only)
-  std::string body;             // unless Request::into was given
+  std::string body;             // all of it, unless a 2xx went to Request::into
   std::size_t body_size = 0;    // bytes of body received, wherever they went
   // The first header with this (lowercase) name, or nullptr.
   const std::string* header(std::string_view lowercase_name) const;

@@ -85,6 +85,11 @@ struct Group : std::enable_shared_from_this<Group> {
 
 asio::awaitable<void> run_parallel(std::vector<Task> tasks, std::size_t width) {
   if (tasks.empty()) co_return;
+  // One task (a small read or write, the common case) runs inline: no spawn, no group.
+  if (tasks.size() == 1) {
+    co_await tasks.front()();
+    co_return;
+  }
   auto ex = co_await asio::this_coro::executor;
   auto group = std::make_shared<Group>(ex, std::move(tasks), width == 0 ? 1 : width);
   // A named initiation capturing a plain pointer: GCC 12 destroys a temporary lambda with a
