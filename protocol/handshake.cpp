@@ -97,8 +97,14 @@ std::string hex(uint32_t value) {
 
 }  // namespace
 
-Handshake::Handshake(const ExportCatalog& catalog, HandshakeLimits limits)
-    : catalog_(catalog), limits_(limits) {}
+Handshake::Handshake(const ExportCatalog& catalog, HandshakeLimits limits, TlsMode tls)
+    : catalog_(catalog), limits_(limits), tls_(tls) {}
+
+// Placeholder until the TLS work lands: STARTTLS is still refused, so this is unreachable.
+void Handshake::tls_started() {
+  tls_active_ = true;
+  state_ = State::negotiating;
+}
 
 std::vector<std::byte> Handshake::greeting() {
   std::vector<std::byte> out;

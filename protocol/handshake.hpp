@@ -2,10 +2,10 @@
 // bytes in, bytes out, no sockets. The server's session feeds it what the client sent and
 // writes out what it produced, until state() says transmission or closed.
 //
-// Implemented options: EXPORT_NAME, ABORT, LIST, STARTTLS (refused with ERR_POLICY: no TLS
-// yet), INFO and GO (INFO_EXPORT, NAME, DESCRIPTION, BLOCK_SIZE), STRUCTURED_REPLY,
-// LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation). Anything else gets ERR_UNSUP.
-// Every option payload is consumed even when the option is refused.
+// Implemented options: EXPORT_NAME, ABORT, LIST, STARTTLS (when TLS is on; the session
+// runs the TLS handshake itself, see State::starttls), INFO and GO (INFO_EXPORT, NAME, DESCRIPTION,
+// BLOCK_SIZE), STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation). Anything
+// else gets ERR_UNSUP. Every option payload is consumed even when the option is refused.
 #pragma once
 
 #include <cstddef>
@@ -30,6 +30,9 @@ struct ExportInfo {
   uint32_t block_min = 1;
   uint32_t block_preferred = 4096;
   uint32_t block_max = 32u << 20;
+  // Non-empty: this client may not use the export (access rules, connection limit); INFO
+  // and GO answer NBD_REP_ERR_POLICY with this text, EXPORT_NAME closes.
+  std::string refusal;
 };
 
 // The server's view of its exports, as the handshake sees them.
@@ -50,6 +53,11 @@ struct HandshakeLimits {
   uint32_t max_meta_queries = 128;         // more queries in one option get ERR_TOO_BIG
 };
 
+// NBD_OPT_STARTTLS policy. off: STARTTLS is refused. on: TLS is offered, plaintext still
+// works. require: before TLS only STARTTLS and ABORT are answered (everything else gets
+// NBD_REP_ERR_TLS_REQD, EXPORT_NAME closes) and no export name or size is revealed.
+enum class TlsMode { off, on, require };
+
 // What was agreed when the handshake reaches transmission.
 struct Negotiated {
   ExportInfo export_info;
@@ -64,9 +72,12 @@ struct Negotiated {
 
 class Handshake {
  public:
-  enum class State { negotiating, transmission, closed };
+  // starttls: the ACK to NBD_OPT_STARTTLS is in `out`; the session sends it, runs the TLS
+  // handshake, then calls tls_started() (or closes if TLS failed).
+  enum class State { negotiating, starttls, transmission, closed };
 
-  explicit Handshake(const ExportCatalog& catalog, HandshakeLimits limits = {});
+  explicit Handshake(const ExportCatalog& catalog, HandshakeLimits limits = {},
+                     TlsMode tls = TlsMode::off);
 
   // The 18-byte greeting the server sends as soon as a client connects.
   static std::vector<std::byte> greeting();
@@ -75,6 +86,11 @@ class Handshake {
   // `in` were consumed: all of them while negotiating; once the state leaves negotiating,
   // the rest belongs to the transmission phase (or is to be dropped, if closed).
   std::size_t feed(std::span<const std::byte> in, std::vector<std::byte>& out);
+
+  // TLS is up: back to negotiating, with every option state agreed before it forgotten
+  // (structured replies, meta contexts), as the spec requires.
+  void tls_started();
+  bool tls_active() const { return tls_active_; }
 
   // From now on every option is answered NBD_REP_ERR_SHUTDOWN (the server is stopping).
   void begin_shutdown() { shutting_down_ = true; }
@@ -115,6 +131,8 @@ class Handshake {
   bool no_zeroes_ = false;
   bool structured_replies_ = false;
   bool shutting_down_ = false;
+  TlsMode tls_ = TlsMode::off;
+  bool tls_active_ = false;
   // Meta contexts selected by the last SET_META_CONTEXT and the export it named.
   std::optional<std::string> meta_export_;
   bool meta_base_allocation_ = false;

@@ -21,6 +21,16 @@ enum LongOnly : int {
   opt_force,
   opt_lease_duration,
   opt_retry_deadline,
+  opt_tls,
+  opt_tls_certificates,
+  opt_tls_psk,
+  opt_tls_verify_peer,
+  opt_allow,
+  opt_allow_identity,
+  opt_max_connections,
+  opt_idle_timeout,
+  opt_admin,
+  opt_config,
 };
 
 const option long_options[] = {
@@ -45,6 +55,16 @@ const option long_options[] = {
     {"blocking-threads", required_argument, nullptr, opt_blocking_threads},
     {"pid-file", required_argument, nullptr, opt_pid_file},
     {"handshake-timeout", required_argument, nullptr, opt_handshake_timeout},
+    {"tls", required_argument, nullptr, opt_tls},
+    {"tls-certificates", required_argument, nullptr, opt_tls_certificates},
+    {"tls-psk", required_argument, nullptr, opt_tls_psk},
+    {"tls-verify-peer", no_argument, nullptr, opt_tls_verify_peer},
+    {"allow", required_argument, nullptr, opt_allow},
+    {"allow-identity", required_argument, nullptr, opt_allow_identity},
+    {"max-connections", required_argument, nullptr, opt_max_connections},
+    {"idle-timeout", required_argument, nullptr, opt_idle_timeout},
+    {"admin", required_argument, nullptr, opt_admin},
+    {"config", required_argument, nullptr, opt_config},
     {"verbose", no_argument, nullptr, 'v'},
     {"debug", required_argument, nullptr, opt_debug},
     {"quiet", no_argument, nullptr, 'q'},
@@ -116,7 +136,31 @@ Azure blob storage:
       --retry-deadline=SECS  retry transient faults (timeouts, resets, 5xx, throttling)
                              of one request for this long (default 60)
 
+TLS (NBD_OPT_STARTTLS; clients: qemu's tls-creds objects, nbds:// URIs of libnbd):
+      --tls=MODE             off (default), on (offer TLS, plaintext still allowed) or
+                             require (before TLS only STARTTLS is answered; no export
+                             name or size is revealed)
+      --tls-certificates=DIR X.509: DIR holds server-cert.pem, server-key.pem and, for
+                             --tls-verify-peer, ca-cert.pem
+      --tls-psk=FILE         TLS-PSK: FILE holds "username:hexkey" lines (psktool -u)
+      --tls-verify-peer      require client certificates signed by DIR/ca-cert.pem
+
+Access control and limits (for every export on the command line):
+      --allow=CIDR[,CIDR...] serve only clients from these addresses (e.g. 10.0.0.0/8,
+                             ::1); may be given several times; Unix socket clients
+                             are always allowed
+      --allow-identity=NAME  serve only TLS clients with this identity: a client
+                             certificate's subject ("CN=node1,O=Example") or a PSK
+                             user name; may be given several times
+      --max-connections=NUM  at most NUM connections per export (default 0: no limit)
+      --idle-timeout=S       close connections idle (no request) for S seconds
+                             (default 0: never)
+
 Server:
+      --config=FILE          read listeners, TLS, limits and exports from a TOML file
+                             (see README); SIGHUP reloads it
+      --admin=ADDR           admin endpoint (/metrics, /exports, /reload) on
+                             unix:PATH or a loopback HOST:PORT (default: off)
       --threads=NUM          I/O threads (default: one per CPU)
       --blocking-threads=NUM threads for blocking file calls (default 16)
       --pid-file=FILE        write the process id to FILE once listening
@@ -158,6 +202,8 @@ ServeCommand parse_serve(int argc, char** argv) {
   int lease_duration = 60;
   int retry_deadline = 60;
   int verbosity = 0;
+  AccessRules access;
+  bool tls_mode_given = false;
 
   ::optind = 0;  // full reset: parse_serve may be called more than once (tests)
   ::opterr = 0;
@@ -240,6 +286,58 @@ ServeCommand parse_serve(int argc, char** argv) {
         cmd.server.session.handshake_timeout =
             std::chrono::seconds(parse_number(arg, "--handshake-timeout", 86400));
         break;
+      case opt_tls:
+        if (arg == "off") {
+          cmd.server.tls.mode = protocol::TlsMode::off;
+        } else if (arg == "on") {
+          cmd.server.tls.mode = protocol::TlsMode::on;
+        } else if (arg == "require") {
+          cmd.server.tls.mode = protocol::TlsMode::require;
+        } else {
+          throw UsageError("invalid --tls '" + arg + "' (known: off, on, require)");
+        }
+        tls_mode_given = true;
+        break;
+      case opt_tls_certificates:
+        cmd.server.tls.certificates_dir = arg;
+        break;
+      case opt_tls_psk:
+        cmd.server.tls.psk_file = arg;
+        break;
+      case opt_tls_verify_peer:
+        cmd.server.tls.verify_peer = true;
+        break;
+      case opt_allow: {
+        std::string_view list = arg;
+        while (!list.empty()) {
+          auto comma = list.find(',');
+          try {
+            access.allow.push_back(Cidr::parse(list.substr(0, comma)));
+          } catch (const std::invalid_argument& e) {
+            throw UsageError(std::string("--allow: ") + e.what());
+          }
+          list = comma == std::string_view::npos ? "" : list.substr(comma + 1);
+        }
+        break;
+      }
+      case opt_allow_identity:
+        if (arg.empty()) throw UsageError("--allow-identity needs a name");
+        access.tls_identities.push_back(arg);
+        break;
+      case opt_max_connections:
+        access.max_connections = parse_number(arg, "--max-connections", 1u << 20);
+        break;
+      case opt_idle_timeout:
+        cmd.server.session.idle_timeout =
+            std::chrono::seconds(parse_number(arg, "--idle-timeout", 86400 * 7));
+        break;
+      case opt_admin:
+        cmd.server.admin.listen = arg;
+        break;
+      case opt_config:
+        if (arg.empty()) throw UsageError("--config needs a file name");
+        cmd.config_file = arg;
+        break;
       case 'v':
         ++verbosity;
         break;
@@ -280,7 +378,32 @@ ServeCommand parse_serve(int argc, char** argv) {
   cmd.server.listen.tcp = cmd.server.listen.unix_paths.empty() || port_given ||
                           !cmd.server.listen.bind_addresses.empty();
 
+  // TLS flags alone turn TLS on, as with nbdkit; --tls=off with them is a contradiction.
+  const bool tls_credentials =
+      !cmd.server.tls.certificates_dir.empty() || !cmd.server.tls.psk_file.empty();
+  if (!tls_mode_given && tls_credentials) cmd.server.tls.mode = protocol::TlsMode::on;
+  if (cmd.server.tls.mode != protocol::TlsMode::off) {
+    if (!tls_credentials) {
+      throw UsageError(
+          "--tls=" + std::string(cmd.server.tls.mode == protocol::TlsMode::on ? "on" : "require") +
+          " needs --tls-certificates=DIR or --tls-psk=FILE");
+    }
+    if (!cmd.server.tls.certificates_dir.empty() && !cmd.server.tls.psk_file.empty()) {
+      throw UsageError("--tls-certificates and --tls-psk cannot be used together");
+    }
+  } else if (tls_credentials || cmd.server.tls.verify_peer) {
+    throw UsageError("--tls=off cannot go with --tls-certificates, --tls-psk or --tls-verify-peer");
+  }
+  if (cmd.server.tls.verify_peer && cmd.server.tls.certificates_dir.empty()) {
+    throw UsageError("--tls-verify-peer needs --tls-certificates=DIR (with DIR/ca-cert.pem)");
+  }
+  if (!access.tls_identities.empty() && cmd.server.tls.mode == protocol::TlsMode::off) {
+    throw UsageError("--allow-identity needs TLS (--tls=on or require, with credentials)");
+  }
+
   std::vector<std::string> images(argv + optind, argv + argc);
+  // With --config the exports come from the file; images on the command line are added.
+  if (images.empty() && !cmd.config_file.empty()) return cmd;
   if (images.empty()) throw UsageError("no image given: imagenbd serve [OPTIONS] [NAME=]IMAGE...");
   if (!parent.empty() && images.size() > 1) {
     throw UsageError("--parent applies to a single image; serve the others separately");
@@ -316,6 +439,7 @@ ServeCommand parse_serve(int argc, char** argv) {
     spec.retry_deadline = retry_deadline;
     spec.parent = parent;
     spec.vhd_size = vhd_size;
+    spec.access = access;
     cmd.exports.push_back(std::move(spec));
   }
   return cmd;

@@ -23,6 +23,7 @@ struct ServeCommand {
   std::vector<ExportSpec> exports;
   log::Settings log;
   unsigned blocking_threads = 0;  // 0: default
+  std::string config_file;        // --config
 };
 
 // argv[0] is the program or subcommand name; throws UsageError.

@@ -113,6 +113,8 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
   auto e = std::make_shared<Export>();
   e->name = spec.name;
   e->description = spec.description;
+  e->access = spec.access;
+  e->spec = spec;
   e->leaf = leaf;
   // Parents are opened now, once per export; the finder is not needed afterwards.
   const formats::ParentFinder parents = local_parent_finder(spec.parent);

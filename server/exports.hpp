@@ -15,10 +15,13 @@
 #include "formats/open_image.hpp"
 #include "formats/vhd_layout.hpp"
 #include "protocol/handshake.hpp"
+#include "server/access.hpp"
+#include "server/metrics.hpp"
 
 namespace imagenbd::server {
 
-// What the command line (or, later, a config file) says about one export.
+// What the command line or a config file says about one export. Two equal specs describe
+// the same export: a reload keeps an export whose spec did not change.
 struct ExportSpec {
   std::string name;
   std::string description;
@@ -32,6 +35,8 @@ struct ExportSpec {
   bool force = false;       // --force: break another writer's lease
   int lease_duration = 60;  // --lease-duration, seconds (15..60)
   int retry_deadline = 60;  // --retry-deadline, seconds
+  AccessRules access;       // --allow, --allow-identity, --max-connections
+  bool operator==(const ExportSpec&) const = default;
 };
 
 struct Export {
@@ -40,6 +45,9 @@ struct Export {
   backends::DevicePtr device;
   // The bottom of the stack, closed at a clean stop (gives back a blob lease).
   backends::DevicePtr leaf;
+  AccessRules access;
+  ExportSpec spec;  // what it was opened from
+  std::shared_ptr<ExportMetrics> metrics = std::make_shared<ExportMetrics>();
 
   // Transmission flags and block sizes, derived from the stack's capabilities: we only
   // advertise what the stack really does.

@@ -16,6 +16,7 @@
 #include "backends/offload.hpp"
 #include "imagenbd_version.hpp"
 #include "server/cli.hpp"
+#include "server/config.hpp"
 #include "server/exports.hpp"
 #include "server/server.hpp"
 #include "server/tool_blob.hpp"
@@ -25,6 +26,7 @@
 #include "server/tool_create.hpp"
 #include "server/tool_info.hpp"
 #include "server/tool_resize.hpp"
+#include "server/tool_stats.hpp"
 
 namespace {
 
@@ -51,6 +53,11 @@ Blob storage commands (Azure; 'imagenbd COMMAND --help' for each):
   snapshot   take a read-only snapshot of a blob
   lease      acquire, renew, release or break a blob's lease
   container  create or delete a container
+
+Operations:
+  check-config  validate a configuration file ('imagenbd check-config --help')
+  stats         show a running server's metrics and exports through its admin
+                endpoint ('imagenbd stats --help')
 
 )",
              stdout);
@@ -91,6 +98,14 @@ int serve(int argc, char** argv) {
     std::printf("imagenbd %s\n", IMAGENBD_VERSION);
     return 0;
   }
+  if (!cmd.config_file.empty()) {
+    try {
+      server::apply_config_file(cmd);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "imagenbd: %s\n", e.what());
+      return 2;
+    }
+  }
   log::configure(cmd.log);
   // Stop signals wait until the server can stop gracefully (Server::run unblocks them);
   // threads started from here on (the blocking pool, the workers) inherit the block.
@@ -112,7 +127,12 @@ int serve(int argc, char** argv) {
       registry->add(std::move(e));
     }
     server::Server srv(cmd.server, registry);
+    if (!cmd.config_file.empty()) {
+      srv.set_reload_handler([&srv, &cmd] { return server::reload_config(srv, cmd); });
+    }
     srv.run();
+    // After reloads, the exports served at the end are what is flushed and closed below.
+    registry = std::const_pointer_cast<server::ExportRegistry>(srv.exports());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "imagenbd: %s\n", e.what());
     close_leaves(*registry);
@@ -155,6 +175,8 @@ int main(int argc, char** argv) {
     if (first == "snapshot") return server::tool_snapshot(argc - 1, argv + 1);
     if (first == "lease") return server::tool_lease(argc - 1, argv + 1);
     if (first == "container") return server::tool_container(argc - 1, argv + 1);
+    if (first == "check-config") return server::tool_check_config(argc - 1, argv + 1);
+    if (first == "stats") return server::tool_stats(argc - 1, argv + 1);
     if (first == "-h" || first == "--help" || first == "help") {
       print_main_help();
       return 0;

@@ -26,21 +26,24 @@ namespace imagenbd::server {
 
 namespace {
 
-std::string peer_name(const Socket& socket, const Listener& listener) {
-  if (!listener.tcp) return listener.label;
+// The client's IP endpoint, none for Unix sockets.
+std::optional<asio::ip::tcp::endpoint> peer_endpoint(const Socket& socket) {
   boost::system::error_code ec;
   auto ep = socket.remote_endpoint(ec);
-  if (ec) return "client";
+  if (ec) return std::nullopt;
   const auto* sa = static_cast<const sockaddr*>(ep.data());
-  if (sa->sa_family == AF_INET || sa->sa_family == AF_INET6) {
-    asio::ip::tcp::endpoint tep;
-    std::memcpy(tep.data(), ep.data(), ep.size());
-    tep.resize(ep.size());
-    return tep.address().is_v6()
-               ? "[" + tep.address().to_string() + "]:" + std::to_string(tep.port())
-               : tep.address().to_string() + ":" + std::to_string(tep.port());
-  }
-  return "client";
+  if (sa->sa_family != AF_INET && sa->sa_family != AF_INET6) return std::nullopt;
+  asio::ip::tcp::endpoint tep;
+  std::memcpy(tep.data(), ep.data(), ep.size());
+  tep.resize(ep.size());
+  return tep;
+}
+
+std::string peer_name(const std::optional<asio::ip::tcp::endpoint>& ep, const Listener& listener) {
+  if (!listener.tcp) return listener.label;
+  if (!ep) return "client";
+  return ep->address().is_v6() ? "[" + ep->address().to_string() + "]:" + std::to_string(ep->port())
+                               : ep->address().to_string() + ":" + std::to_string(ep->port());
 }
 
 }  // namespace
@@ -49,6 +52,11 @@ Server::Server(ServerOptions options, std::shared_ptr<const ExportRegistry> expo
     : options_(std::move(options)), exports_(std::move(exports)) {
   if (!options_.session.memory) {
     options_.session.memory = std::make_shared<MemoryBudget>(options_.memory_budget);
+  }
+  options_.session.metrics = &metrics_;
+  options_.session.tls_mode = options_.tls.mode;
+  if (options_.tls.mode != protocol::TlsMode::off) {
+    options_.session.tls_context = make_tls_context(options_.tls);
   }
   unsigned n =
       options_.threads ? options_.threads : std::max(1u, std::thread::hardware_concurrency());
@@ -59,6 +67,42 @@ Server::~Server() {
   for (auto& w : workers_) w->stop();
   for (auto& t : threads_) {
     if (t.joinable()) t.join();
+  }
+}
+
+std::shared_ptr<const ExportRegistry> Server::exports() const {
+  std::lock_guard lock(exports_mutex_);
+  return exports_;
+}
+
+void Server::set_exports(std::shared_ptr<const ExportRegistry> exports) {
+  std::lock_guard lock(exports_mutex_);
+  exports_ = std::move(exports);
+}
+
+void Server::set_reload_handler(std::function<std::string()> handler) {
+  reload_handler_ = std::move(handler);
+}
+
+std::string Server::reload() {
+  if (!reload_handler_) {
+    throw std::runtime_error("nothing to reload: the server was not started with --config");
+  }
+  notify_service_manager(fmt::format("RELOADING=1\nMONOTONIC_USEC={}",
+                                     std::chrono::duration_cast<std::chrono::microseconds>(
+                                         std::chrono::steady_clock::now().time_since_epoch())
+                                         .count()));
+  try {
+    std::string summary = reload_handler_();
+    ++metrics_.reloads;
+    log::notice("configuration reloaded: {}", summary);
+    notify_service_manager("READY=1\nSTATUS=configuration reloaded: " + summary);
+    return summary;
+  } catch (const std::exception& e) {
+    ++metrics_.reload_failures;
+    log::error("reload failed, the previous configuration stays: {}", e.what());
+    notify_service_manager(std::string("READY=1\nSTATUS=reload failed: ") + e.what());
+    throw;
   }
 }
 
@@ -87,6 +131,22 @@ void Server::run() {
     signals.async_wait(on_signal);
   };
   signals.async_wait(on_signal);
+  asio::signal_set hangup(main_, SIGHUP);
+  std::function<void(boost::system::error_code, int)> on_hangup = [&](boost::system::error_code ec,
+                                                                      int) {
+    if (ec) return;
+    if (!reload_handler_) {
+      log::warn("SIGHUP ignored: the server was not started with --config, nothing to reload");
+    } else {
+      try {
+        reload();
+      } catch (const std::exception&) {
+        // logged by reload()
+      }
+    }
+    hangup.async_wait(on_hangup);
+  };
+  hangup.async_wait(on_hangup);
 
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
@@ -102,6 +162,16 @@ void Server::run() {
         listeners_.size());
   }
   for (auto& l : listeners_) log::info("listening on {}", l->label);
+  if (!options_.admin.listen.empty()) {
+    admin_ = std::make_unique<AdminServer>(
+        main_, options_.admin,
+        AdminHooks{.exports = [this] { return exports(); },
+                   .metrics = &metrics_,
+                   .reload = reload_handler_
+                                 ? std::function<std::string()>([this] { return reload(); })
+                                 : std::function<std::string()>()});
+    log::info("admin endpoint on {}", admin_->label());
+  }
 
   if (!options_.pid_file.empty()) {
     std::ofstream pid(options_.pid_file, std::ios::trunc);
@@ -148,6 +218,8 @@ void Server::run() {
   // pending on main_ when the contexts are destroyed.
   boost::system::error_code ignored;
   signals.cancel(ignored);
+  hangup.cancel(ignored);
+  if (admin_) admin_->close();
   for (auto& l : listeners_) close_listener(*l);
   main_.restart();
   main_.run();
@@ -183,10 +255,13 @@ asio::awaitable<void> Server::accept_loop(Listener& listener) {
       co_await pause.async_wait(asio::use_awaitable);
       continue;
     }
-    std::string peer = peer_name(socket, listener);
+    const auto endpoint = listener.tcp ? peer_endpoint(socket) : std::nullopt;
+    std::string peer = peer_name(endpoint, listener);
+    ++metrics_.connections_total;
     if (options_.max_clients && session_count_.load() >= options_.max_clients) {
       log::warn("{}: refused: {} clients already connected (--shared={})", peer,
                 session_count_.load(), options_.max_clients);
+      ++metrics_.connections_refused;
       socket.close(ec);
       continue;
     }
@@ -194,19 +269,23 @@ asio::awaitable<void> Server::accept_loop(Listener& listener) {
       socket.set_option(asio::ip::tcp::no_delay(true), ec);
       socket.set_option(asio::socket_base::keep_alive(true), ec);
     }
-    start_session(std::move(socket), std::move(peer));
+    std::optional<asio::ip::address> address;
+    if (endpoint) address = endpoint->address();
+    start_session(std::move(socket), std::move(peer), address);
   }
 }
 
-void Server::start_session(Socket socket, std::string peer) {
+void Server::start_session(Socket socket, std::string peer,
+                           std::optional<asio::ip::address> address) {
   auto ex = socket.get_executor();
-  auto session =
-      std::make_shared<Session>(std::move(socket), std::move(peer), exports_, options_.session);
+  auto session = std::make_shared<Session>(std::move(socket), std::move(peer), address, exports(),
+                                           options_.session);
   {
     std::lock_guard lock(sessions_mutex_);
     sessions_.emplace(session.get(), session);
   }
   ++session_count_;
+  ++metrics_.connections;
   log::debug("{}: connected", session->peer());
   // A connection accepted just as the stop began must stop too.
   if (stopping_) session->stop();
@@ -216,6 +295,7 @@ void Server::start_session(Socket socket, std::string peer) {
       sessions_.erase(session.get());
     }
     --session_count_;
+    --metrics_.connections;
   });
 }
 

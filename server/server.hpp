@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -15,9 +16,12 @@
 
 #include <boost/asio/io_context.hpp>
 
+#include "server/admin.hpp"
 #include "server/exports.hpp"
 #include "server/listener.hpp"
+#include "server/metrics.hpp"
 #include "server/session.hpp"
+#include "server/tls.hpp"
 
 namespace imagenbd::server {
 
@@ -27,6 +31,8 @@ struct ServerOptions {
   unsigned max_clients = 0;  // simultaneous connections; 0 = unlimited
   std::string pid_file;      // written once every listener is bound
   std::chrono::seconds stop_timeout{30};
+  TlsSettings tls;
+  AdminSettings admin;
   uint64_t memory_budget = 1ull << 30;  // payload bytes in flight, all connections together
   SessionOptions session;
 };
@@ -41,19 +47,36 @@ class Server {
   // Begins the graceful stop (thread-safe).
   void stop();
 
+  // The exports new connections see (thread-safe). Connections keep the registry they
+  // started with; replacing it is how a reload adds and removes exports.
+  std::shared_ptr<const ExportRegistry> exports() const;
+  void set_exports(std::shared_ptr<const ExportRegistry> exports);
+  // Run on SIGHUP and by the admin endpoint's POST /reload, on the main thread; returns a
+  // summary, throws on failure. Without one, SIGHUP is logged and ignored.
+  void set_reload_handler(std::function<std::string()> handler);
+  // Runs the reload handler, logging the outcome and notifying systemd
+  // (RELOADING=1 ... READY=1); rethrows its failure.
+  std::string reload();
+
+  ServerMetrics& metrics() { return metrics_; }
+
  private:
   asio::awaitable<void> accept_loop(Listener& listener);
-  void start_session(Socket socket, std::string peer);
+  void start_session(Socket socket, std::string peer, std::optional<asio::ip::address> address);
   asio::io_context& next_context();
 
   ServerOptions options_;
+  mutable std::mutex exports_mutex_;
   std::shared_ptr<const ExportRegistry> exports_;
+  std::function<std::string()> reload_handler_;
+  ServerMetrics metrics_;
   // Destruction runs bottom-up and the order matters: a pending accept in main_ holds a
   // socket of a worker context, so listeners go first, then main_, then the workers.
   std::vector<std::unique_ptr<asio::io_context>> workers_;
   std::vector<std::thread> threads_;
   asio::io_context main_;  // listeners and signals
   std::vector<std::unique_ptr<Listener>> listeners_;
+  std::unique_ptr<AdminServer> admin_;  // on main_
   std::atomic<unsigned> next_worker_{0};
   std::atomic<bool> stopping_{false};
 

@@ -8,6 +8,7 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/redirect_error.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
@@ -15,6 +16,7 @@
 #include "backends/log.hpp"
 #include "protocol/endian.hpp"
 #include "protocol/errors.hpp"
+#include "server/tls.hpp"
 
 namespace imagenbd::server {
 
@@ -83,18 +85,20 @@ asio::awaitable<void> Session::Signal::wait() {
   co_await timer_.async_wait(asio::redirect_error(asio::use_awaitable, ec));
 }
 
-Session::Session(Socket socket, std::string peer, std::shared_ptr<const ExportRegistry> exports,
-                 SessionOptions options)
-    : socket_(std::move(socket)),
+Session::Session(Socket socket, std::string peer, std::optional<asio::ip::address> address,
+                 std::shared_ptr<const ExportRegistry> exports, SessionOptions options)
+    : transport_(std::move(socket)),
       peer_(std::move(peer)),
+      peer_info_{.address = address},
       exports_(std::move(exports)),
-      options_(options),
+      options_(std::move(options)),
       rbuf_(new std::byte[read_buffer_size]),
-      progress_(socket_.get_executor()),
-      grace_(socket_.get_executor()) {}
+      progress_(transport_.get_executor()),
+      grace_(transport_.get_executor()),
+      idle_(transport_.get_executor()) {}
 
 void Session::stop() {
-  asio::post(socket_.get_executor(), [self = shared_from_this()] {
+  asio::post(transport_.get_executor(), [self = shared_from_this()] {
     if (self->stopping_) return;
     self->stopping_ = true;
     // Requests still arriving are answered ESHUTDOWN, so the client learns why and can
@@ -103,13 +107,13 @@ void Session::stop() {
     self->grace_.expires_after(std::chrono::seconds(2));
     self->grace_.async_wait([self](boost::system::error_code ec) {
       if (ec) return;
-      self->socket_.shutdown(asio::socket_base::shutdown_receive, ec);
+      self->transport_.shutdown_receive();
       // A client that does not read its replies would hold the stop forever: close it.
       self->grace_.expires_after(std::chrono::seconds(3));
       self->grace_.async_wait([self](boost::system::error_code ec) {
         if (ec) return;
         log::warn("{}: replies not taken 5 s into the stop; closing the connection", self->peer_);
-        self->socket_.close(ec);
+        self->transport_.close();
       });
     });
   });
@@ -125,8 +129,9 @@ asio::awaitable<void> Session::run() {
     log::warn("{}: connection failed: {}", peer_, e.what());
   }
   grace_.cancel();
-  boost::system::error_code ec;
-  socket_.close(ec);
+  idle_.cancel();
+  if (counted_) export_->metrics->connection_closed();
+  transport_.close();
 }
 
 // Reads until at least `wanted` undecoded bytes are buffered.
@@ -138,12 +143,13 @@ asio::awaitable<bool> Session::fill(std::size_t wanted) {
       begin_ = 0;
     }
     boost::system::error_code ec;
-    std::size_t n =
-        co_await socket_.async_read_some(asio::buffer(rbuf_.get() + end_, read_buffer_size - end_),
-                                         asio::redirect_error(asio::use_awaitable, ec));
+    std::size_t n = co_await transport_.read_some(
+        asio::buffer(rbuf_.get() + end_, read_buffer_size - end_), ec);
     if (ec) {
+      // A TLS peer that closes without close_notify is EOF too (no spinning on it).
       if (ec != asio::error::eof && ec != asio::error::connection_reset &&
-          ec != asio::error::operation_aborted && ec != asio::error::bad_descriptor) {
+          ec != asio::ssl::error::stream_truncated && ec != asio::error::operation_aborted &&
+          ec != asio::error::bad_descriptor) {
         log::info("{}: read failed: {}", peer_, ec.message());
       }
       co_return false;
@@ -154,14 +160,16 @@ asio::awaitable<bool> Session::fill(std::size_t wanted) {
 }
 
 asio::awaitable<bool> Session::handshake() {
-  protocol::Handshake hs(*exports_);
+  PeerCatalog catalog(*exports_, peer_info_);
+  protocol::Handshake hs(catalog, {}, options_.tls_mode);
   // Slow or silent clients must not hold a connection forever (qemu CVE-2024-7409).
-  asio::steady_timer deadline(socket_.get_executor(), options_.handshake_timeout);
+  asio::steady_timer deadline(transport_.get_executor(), options_.handshake_timeout);
   deadline.async_wait([self = shared_from_this()](boost::system::error_code ec) {
     if (ec || self->handshake_done_) return;
     log::warn("{}: handshake not finished after {} ms, closing", self->peer_,
               self->options_.handshake_timeout.count());
-    self->socket_.shutdown(asio::socket_base::shutdown_both, ec);
+    if (self->options_.metrics) ++self->options_.metrics->handshake_timeouts;
+    self->transport_.shutdown_both();
   });
   struct Disarm {
     Session& s;
@@ -174,10 +182,18 @@ asio::awaitable<bool> Session::handshake() {
 
   if (stopping_) co_return false;
   auto greeting = protocol::Handshake::greeting();
-  co_await asio::async_write(socket_, asio::buffer(greeting), asio::use_awaitable);
+  boost::system::error_code greeting_ec;
+  const asio::const_buffer greeting_buffer = asio::buffer(greeting);
+  co_await transport_.write({&greeting_buffer, 1}, greeting_ec);
+  if (greeting_ec) co_return false;
 
   std::vector<std::byte> out;
-  while (hs.state() == protocol::Handshake::State::negotiating) {
+  for (;;) {
+    if (hs.state() == protocol::Handshake::State::starttls) {
+      if (!co_await start_tls(hs, out)) co_return false;
+      continue;
+    }
+    if (hs.state() != protocol::Handshake::State::negotiating) break;
     if (stopping_) hs.begin_shutdown();
     if (!co_await fill(1)) {
       log::debug("{}: client closed the connection during the handshake", peer_);
@@ -187,21 +203,24 @@ asio::awaitable<bool> Session::handshake() {
     if (log::control_enabled()) {
       for (const auto& e : hs.take_events()) log::debug("{}: {}", peer_, e);
     }
-    if (!out.empty()) {
+    if (!out.empty() && hs.state() != protocol::Handshake::State::starttls) {
       boost::system::error_code ec;
-      co_await asio::async_write(socket_, asio::buffer(out),
-                                 asio::redirect_error(asio::use_awaitable, ec));
+      const asio::const_buffer b = asio::buffer(out);
+      co_await transport_.write({&b, 1}, ec);
       out.clear();
       if (ec) co_return false;  // e.g. the client closed after NBD_OPT_ABORT
     }
   }
   if (hs.state() == protocol::Handshake::State::closed) {
     log::info("{}: handshake ended: {}", peer_, hs.close_reason());
+    if (options_.metrics) ++options_.metrics->handshake_failures;
     co_return false;
   }
 
   negotiated_ = hs.negotiated();
   export_ = exports_->find(negotiated_.export_info.name);
+  export_->metrics->connection_opened();
+  counted_ = true;
   device_ = export_->device;
   caps_ = device_->caps();
   limits_ = {
@@ -212,9 +231,40 @@ asio::awaitable<bool> Session::handshake() {
                        ? negotiated_.export_info.block_max
                        : std::max(negotiated_.export_info.block_max, unnegotiated_max_payload),
       .block_status = negotiated_.base_allocation_id.has_value()};
-  log::info("{}: connected to export '{}' ({} bytes, {}{})", peer_, export_->name, limits_.size,
+  log::info("{}: connected to export '{}' ({} bytes, {}{}{})", peer_, export_->name, limits_.size,
             (limits_.tx_flags & protocol::tx_flag::read_only) ? "read-only" : "read-write",
-            negotiated_.structured_replies ? ", structured replies" : "");
+            negotiated_.structured_replies ? ", structured replies" : "",
+            transport_.tls() ? ", TLS" : "");
+  co_return true;
+}
+
+// The client's STARTTLS was acknowledged (the ACK is in `out`): send it, run the TLS
+// handshake, and continue the option haggling encrypted. False: close the connection.
+asio::awaitable<bool> Session::start_tls(protocol::Handshake& hs, std::vector<std::byte>& out) {
+  boost::system::error_code ec;
+  const asio::const_buffer b = asio::buffer(out);
+  co_await transport_.write({&b, 1}, ec);
+  out.clear();
+  if (ec) co_return false;
+  // Bytes the client sent after STARTTLS and before the TLS handshake are a protocol
+  // violation (and a classic STARTTLS injection): refuse them.
+  if (begin_ != end_) {
+    log::warn("{}: data received after NBD_OPT_STARTTLS before TLS; closing", peer_);
+    co_return false;
+  }
+  if (!options_.tls_context) co_return false;
+  co_await transport_.start_tls(*options_.tls_context, ec);
+  if (ec) {
+    log::warn("{}: TLS handshake failed: {}", peer_, ec.message());
+    if (options_.metrics) ++options_.metrics->handshake_failures;
+    co_return false;
+  }
+  if (options_.metrics) ++options_.metrics->tls_handshakes;
+  peer_info_.tls = true;
+  peer_info_.tls_identity = tls_peer_identity(transport_.native_tls());
+  log::info("{}: TLS established{}{}", peer_, peer_info_.tls_identity.empty() ? "" : " with ",
+            peer_info_.tls_identity);
+  hs.tls_started();
   co_return true;
 }
 
@@ -237,7 +287,7 @@ asio::awaitable<void> Session::acquire(uint64_t bytes) {
   // The server-wide budget is shared across threads; under that much pressure a short
   // poll is simpler than cross-thread wake-ups and costs nothing in the normal case.
   if (bytes > 0 && options_.memory) {
-    asio::steady_timer pause(socket_.get_executor());
+    asio::steady_timer pause(transport_.get_executor());
     while (!options_.memory->try_acquire(bytes)) {
       pause.expires_after(std::chrono::milliseconds(2));
       co_await pause.async_wait(asio::use_awaitable);
@@ -249,9 +299,12 @@ asio::awaitable<void> Session::acquire(uint64_t bytes) {
 
 asio::awaitable<void> Session::transmission() {
   auto self = shared_from_this();
-  auto ex = socket_.get_executor();
+  auto ex = transport_.get_executor();
+  last_activity_ = std::chrono::steady_clock::now();
+  if (options_.idle_timeout.count() > 0) arm_idle_timer();
   for (;;) {
     if (!co_await fill(protocol::request_size)) co_return;
+    last_activity_ = std::chrono::steady_clock::now();
     auto decoded = protocol::decode_request({rbuf_.get() + begin_, end_ - begin_});
     if (decoded.status != protocol::DecodeStatus::ok) {
       log::warn("{}: framing error: bad request magic, closing the connection", peer_);
@@ -284,6 +337,7 @@ asio::awaitable<void> Session::transmission() {
       log::debug("{}: refused: {}", peer_, message);
       reply_error(r, invalid, message, reply);
       log_request(r, invalid);
+      export_->metrics->request_refused(r.command(), invalid);
       send(std::move(reply));
       continue;
     }
@@ -297,9 +351,8 @@ asio::awaitable<void> Session::transmission() {
       if (buffered < r.length) {
         // Large payloads are received straight into the buffer handed to the layers.
         boost::system::error_code ec;
-        co_await asio::async_read(socket_,
-                                  asio::buffer(payload.data() + buffered, r.length - buffered),
-                                  asio::redirect_error(asio::use_awaitable, ec));
+        co_await transport_.read_exact(asio::buffer(payload.data() + buffered, r.length - buffered),
+                                       ec);
         if (ec) {
           release(bytes);
           co_return;
@@ -325,6 +378,8 @@ void Session::release(uint64_t bytes) {
 }
 
 asio::awaitable<void> Session::handle(Request r, Buffer payload, uint64_t budget) {
+  const auto started = std::chrono::steady_clock::now();
+  export_->metrics->request_started();
   Reply reply;
   Errno result = Errno::ok;
   std::string failure;
@@ -395,6 +450,10 @@ asio::awaitable<void> Session::handle(Request r, Buffer payload, uint64_t budget
     reply_error(r, result, failure, reply);
   }
   log_request(r, result);
+  const bool moved_data =
+      result == Errno::ok && (r.command() == Cmd::read || r.command() == Cmd::write);
+  export_->metrics->request_finished(r.command(), moved_data ? r.length : 0, result,
+                                     std::chrono::steady_clock::now() - started);
   reply.budget = budget;
   send(std::move(reply));
 }
@@ -516,6 +575,28 @@ void Session::reply_error(const Request& r, Errno error, std::string_view messag
   }
 }
 
+// --idle-timeout: a client with no request in flight and none sent for that long is
+// disconnected (the connection ends as if it had sent NBD_CMD_DISC).
+void Session::arm_idle_timer() {
+  idle_.expires_at(last_activity_ + options_.idle_timeout);
+  idle_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
+    if (ec || self->stopping_) return;
+    const auto idle_for = std::chrono::steady_clock::now() - self->last_activity_;
+    if (self->in_flight_ > 0 || self->writing_ || idle_for < self->options_.idle_timeout) {
+      if (self->in_flight_ > 0 || self->writing_) {
+        self->last_activity_ = std::chrono::steady_clock::now();
+      }
+      self->arm_idle_timer();
+      return;
+    }
+    log::info(
+        "{}: idle for {} s, closing the connection", self->peer_,
+        std::chrono::duration_cast<std::chrono::seconds>(self->options_.idle_timeout).count());
+    if (self->options_.metrics) ++self->options_.metrics->idle_timeouts;
+    self->transport_.shutdown_receive();
+  });
+}
+
 void Session::log_request(const Request& r, Errno result) const {
   if (!log::data_enabled()) return;
   log::data("{}: {} flags={:#x} offset={} length={} cookie={:#x} -> {}", peer_,
@@ -531,7 +612,7 @@ void Session::send(Reply reply) {
   queue_.push_back(std::move(reply));
   if (!writing_) {
     writing_ = true;
-    asio::co_spawn(socket_.get_executor(), write_loop(),
+    asio::co_spawn(transport_.get_executor(), write_loop(),
                    [self = shared_from_this()](std::exception_ptr) {});
   }
 }
@@ -553,7 +634,7 @@ asio::awaitable<void> Session::write_loop() {
       }
     }
     boost::system::error_code ec;
-    co_await asio::async_write(socket_, gather, asio::redirect_error(asio::use_awaitable, ec));
+    co_await transport_.write(gather, ec);
     for (const auto& rep : sending) release(rep.budget);
     sending.clear();
     if (ec) {
@@ -564,7 +645,7 @@ asio::awaitable<void> Session::write_loop() {
       for (const auto& rep : queue_) release(rep.budget);
       queue_.clear();
       // The client is gone: stop reading too.
-      socket_.shutdown(asio::socket_base::shutdown_both, ec);
+      transport_.shutdown_both();
     }
   }
   writing_ = false;

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <utility>  // before asio: Boost 1.74's awaitable.hpp uses std::exchange
@@ -24,14 +25,14 @@
 
 #include "protocol/handshake.hpp"
 #include "protocol/transmission.hpp"
+#include "server/access.hpp"
 #include "server/buffer_pool.hpp"
 #include "server/exports.hpp"
+#include "server/metrics.hpp"
+#include "server/transport.hpp"
 #include "server/validate.hpp"
 
 namespace imagenbd::server {
-
-namespace asio = boost::asio;
-using Socket = asio::generic::stream_protocol::socket;
 
 // Payload bytes held by requests in flight across every connection of the server: bounds
 // memory when many clients send large requests and do not read the replies.
@@ -57,6 +58,11 @@ struct SessionOptions {
   uint32_t max_in_flight = 128;                 // requests being handled at once
   uint64_t max_in_flight_bytes = 128ull << 20;  // payload bytes held by those requests
   std::shared_ptr<MemoryBudget> memory;         // shared by all sessions; may be null
+  // Close a connection with no request in flight for this long; 0 = never.
+  std::chrono::milliseconds idle_timeout{0};
+  protocol::TlsMode tls_mode = protocol::TlsMode::off;
+  std::shared_ptr<asio::ssl::context> tls_context;  // set when tls_mode != off
+  ServerMetrics* metrics = nullptr;                 // may be null (tests)
 };
 
 // Counters of one session, logged when it ends.
@@ -69,8 +75,9 @@ struct SessionStats {
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(Socket socket, std::string peer, std::shared_ptr<const ExportRegistry> exports,
-          SessionOptions options);
+  // `address`: the client's IP address, none for Unix sockets (access rules use it).
+  Session(Socket socket, std::string peer, std::optional<asio::ip::address> address,
+          std::shared_ptr<const ExportRegistry> exports, SessionOptions options);
 
   // Runs the whole connection; returns when it is closed. Never throws.
   asio::awaitable<void> run();
@@ -108,6 +115,7 @@ class Session : public std::enable_shared_from_this<Session> {
   };
 
   asio::awaitable<bool> handshake();
+  asio::awaitable<bool> start_tls(protocol::Handshake& hs, std::vector<std::byte>& out);
   asio::awaitable<void> transmission();
   asio::awaitable<bool> fill(std::size_t wanted);  // false on EOF or error
   asio::awaitable<void> discard(uint64_t length);
@@ -126,9 +134,11 @@ class Session : public std::enable_shared_from_this<Session> {
                    Reply& reply);
   void send(Reply reply);
   void log_request(const protocol::Request& r, protocol::Errno result) const;
+  void arm_idle_timer();
 
-  Socket socket_;
+  Transport transport_;
   std::string peer_;
+  PeerInfo peer_info_;
   std::shared_ptr<const ExportRegistry> exports_;
   SessionOptions options_;
 
@@ -148,6 +158,8 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t in_flight_bytes_ = 0;
   Signal progress_;           // a request finished, or the writer went idle
   asio::steady_timer grace_;  // after stop(): how long requests still get ESHUTDOWN
+  asio::steady_timer idle_;   // --idle-timeout
+  std::chrono::steady_clock::time_point last_activity_;
 
   std::deque<Reply> queue_;
   bool writing_ = false;
@@ -155,6 +167,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool stopping_ = false;
   bool handshake_done_ = false;  // disarms the handshake deadline
   bool wrote_data_ = false;
+  bool counted_ = false;  // export_->metrics counts this connection
   SessionStats stats_;
 };
 

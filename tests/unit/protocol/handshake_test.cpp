@@ -321,6 +321,8 @@ std::string state_name(State s) {
   switch (s) {
     case State::negotiating:
       return "negotiating";
+    case State::starttls:
+      return "starttls";
     case State::transmission:
       return "transmission";
     case State::closed:
