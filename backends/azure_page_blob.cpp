@@ -393,7 +393,8 @@ void check_servable(const BlobClient& blob, const azure::BlobProperties& p) {
 }  // namespace
 
 asio::awaitable<DevicePtr> open_azure_page_blob(std::string uri, AzurePageBlobOptions options) {
-  const azure::Credentials env = azure::credentials_from_environment();
+  const azure::Credentials env =
+      options.credentials ? *options.credentials : azure::credentials_from_environment();
   azure::BlobLocation where = azure::parse_blob_uri(uri, env);
   const azure::Credentials credentials = azure::credentials_for(where, env);
   if (!options.snapshot.empty() && !where.snapshot.empty() && options.snapshot != where.snapshot) {
