@@ -89,6 +89,8 @@ std::string message_string(std::string_view text) {
   return out;
 }
 
+constexpr std::string_view tls_required_message = "TLS is required: send NBD_OPT_STARTTLS first";
+
 std::string hex(uint32_t value) {
   char buf[16];
   std::snprintf(buf, sizeof buf, "0x%x", value);
@@ -100,10 +102,17 @@ std::string hex(uint32_t value) {
 Handshake::Handshake(const ExportCatalog& catalog, HandshakeLimits limits, TlsMode tls)
     : catalog_(catalog), limits_(limits), tls_(tls) {}
 
-// Placeholder until the TLS work lands: STARTTLS is still refused, so this is unreachable.
+// Everything agreed before STARTTLS could have been injected by a man in the middle
+// (nbdkit CVE-2021-3716), so it is forgotten. The client flags are not options: they stay.
 void Handshake::tls_started() {
+  if (state_ != State::starttls) return;
   tls_active_ = true;
+  structured_replies_ = false;
+  meta_export_.reset();
+  meta_base_allocation_ = false;
+  phase_ = Phase::option_header;
   state_ = State::negotiating;
+  event("TLS started: option state reset");
 }
 
 std::vector<std::byte> Handshake::greeting() {
@@ -139,9 +148,15 @@ std::size_t Handshake::feed(std::span<const std::byte> in, std::vector<std::byte
       skip_left_ -= n;
       used += n;
       if (skip_left_ == 0) {
-        reply_error(out, Rep::err_too_big,
-                    "option payload of " + std::to_string(option_length_) +
-                        " bytes exceeds the limit of " + std::to_string(limits_.max_option_length));
+        const auto opt = static_cast<Opt>(option_);
+        if (tls_required() && opt != Opt::starttls && opt != Opt::abort) {
+          reply_error(out, Rep::err_tls_reqd, tls_required_message);
+        } else {
+          reply_error(out, Rep::err_too_big,
+                      "option payload of " + std::to_string(option_length_) +
+                          " bytes exceeds the limit of " +
+                          std::to_string(limits_.max_option_length));
+        }
         phase_ = Phase::option_header;
       }
       continue;
@@ -247,7 +262,10 @@ void Handshake::handle_option(std::vector<std::byte>& out) {
 
   if (!fixed_newstyle_) {
     // Old (non-fixed) newstyle: EXPORT_NAME is the only option; anything else hangs up.
-    if (opt == Opt::export_name) {
+    // Such clients cannot do TLS, so with TLS required they are hung up on too.
+    if (tls_required()) {
+      close("non-fixed-newstyle client cannot start TLS, which this server requires");
+    } else if (opt == Opt::export_name) {
       option_export_name(out);
     } else {
       close("non-fixed-newstyle client sent option " + std::to_string(option_));
@@ -259,6 +277,17 @@ void Handshake::handle_option(std::vector<std::byte>& out) {
       close("server is shutting down");
     } else {
       reply_error(out, Rep::err_shutdown, "server is shutting down");
+    }
+    return;
+  }
+
+  // FORCEDTLS (spec "TLS support"): before TLS only STARTTLS and ABORT are answered, so
+  // nothing about the exports leaks to a plaintext client.
+  if (tls_required() && opt != Opt::starttls && opt != Opt::abort) {
+    if (opt == Opt::export_name) {
+      close("NBD_OPT_EXPORT_NAME before TLS, which this server requires");
+    } else {
+      reply_error(out, Rep::err_tls_reqd, tls_required_message);
     }
     return;
   }
@@ -285,7 +314,17 @@ void Handshake::handle_option(std::vector<std::byte>& out) {
         reply_error(out, Rep::err_invalid, "NBD_OPT_STARTTLS takes no data");
         return;
       }
-      reply_error(out, Rep::err_policy, "TLS is not enabled on this server");
+      if (tls_ == TlsMode::off) {
+        reply_error(out, Rep::err_policy, "TLS is not enabled on this server");
+      } else if (tls_active_) {
+        reply_error(out, Rep::err_invalid, "TLS is already active");
+      } else {
+        // feed() stops right after this option: whatever the client sent behind it
+        // arrived before the TLS handshake, and the session refuses it.
+        reply(out, Rep::ack);
+        event("NBD_OPT_STARTTLS -> ACK");
+        state_ = State::starttls;
+      }
       return;
     case Opt::info:
     case Opt::go:
@@ -322,6 +361,10 @@ void Handshake::option_export_name(std::vector<std::byte>& out) {
   auto info = catalog_.lookup(name_asked);
   if (!info) {
     close("NBD_OPT_EXPORT_NAME: unknown export '" + name_asked + "'");
+    return;
+  }
+  if (!info->refusal.empty()) {
+    close("NBD_OPT_EXPORT_NAME: export '" + name_asked + "' refused: " + info->refusal);
     return;
   }
   enter_transmission(*info, false);
@@ -392,6 +435,10 @@ void Handshake::option_info_or_go(std::vector<std::byte>& out) {
   auto info = catalog_.lookup(name_asked);
   if (!info) {
     reply_error(out, Rep::err_unknown, "unknown export '" + std::string(name_asked) + "'");
+    return;
+  }
+  if (!info->refusal.empty()) {
+    reply_error(out, Rep::err_policy, info->refusal);
     return;
   }
   const uint16_t flags = transmission_flags(*info);
@@ -471,6 +518,10 @@ void Handshake::option_meta_context(std::vector<std::byte>& out, bool set) {
   auto info = catalog_.lookup(name_asked);
   if (!info) {
     reply_error(out, Rep::err_unknown, "unknown export '" + std::string(name_asked) + "'");
+    return;
+  }
+  if (!info->refusal.empty()) {
+    reply_error(out, Rep::err_policy, info->refusal);
     return;
   }
   if (selected || list_all) {

@@ -6,6 +6,8 @@
 // runs the TLS handshake itself, see State::starttls), INFO and GO (INFO_EXPORT, NAME, DESCRIPTION,
 // BLOCK_SIZE), STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (base:allocation). Anything
 // else gets ERR_UNSUP. Every option payload is consumed even when the option is refused.
+// TLS modes follow the spec's "TLS support" section: off = NOTLS, on = the client's choice,
+// require = FORCEDTLS (see TlsMode).
 #pragma once
 
 #include <cstddef>
@@ -30,8 +32,9 @@ struct ExportInfo {
   uint32_t block_min = 1;
   uint32_t block_preferred = 4096;
   uint32_t block_max = 32u << 20;
-  // Non-empty: this client may not use the export (access rules, connection limit); INFO
-  // and GO answer NBD_REP_ERR_POLICY with this text, EXPORT_NAME closes.
+  // Non-empty: this client may not use the export (access rules, connection limit); INFO,
+  // GO and the meta context options answer NBD_REP_ERR_POLICY with this text, EXPORT_NAME
+  // closes.
   std::string refusal;
 };
 
@@ -73,7 +76,8 @@ struct Negotiated {
 class Handshake {
  public:
   // starttls: the ACK to NBD_OPT_STARTTLS is in `out`; the session sends it, runs the TLS
-  // handshake, then calls tls_started() (or closes if TLS failed).
+  // handshake, then calls tls_started() (or closes if TLS failed). feed() consumed nothing
+  // after the STARTTLS option: bytes left over arrived before TLS and must be refused.
   enum class State { negotiating, starttls, transmission, closed };
 
   explicit Handshake(const ExportCatalog& catalog, HandshakeLimits limits = {},
@@ -88,7 +92,8 @@ class Handshake {
   std::size_t feed(std::span<const std::byte> in, std::vector<std::byte>& out);
 
   // TLS is up: back to negotiating, with every option state agreed before it forgotten
-  // (structured replies, meta contexts), as the spec requires.
+  // (structured replies, meta contexts), as the spec requires. Only valid in starttls;
+  // a later STARTTLS gets NBD_REP_ERR_INVALID.
   void tls_started();
   bool tls_active() const { return tls_active_; }
 
@@ -116,6 +121,7 @@ class Handshake {
   void reply_error(std::vector<std::byte>& out, Rep type, std::string_view message);
   void close(std::string reason);
   uint16_t transmission_flags(const ExportInfo& info) const;
+  bool tls_required() const { return tls_ == TlsMode::require && !tls_active_; }
   void event(std::string text);
 
   const ExportCatalog& catalog_;
