@@ -7,6 +7,9 @@ build_packages=(cmake ninja-build g++ ccache libboost-dev libfmt-dev doctest-dev
   libcurl4-openssl-dev libssl-dev libpugixml-dev)
 # The real NBD clients the tests drive, and the peers the benchmarks compare against.
 test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs libvhdi-utils)
+# The kernel rig (tests/kernel) boots a Debian kernel (fetched with apt-get download) under
+# qemu; its initramfs takes busybox, nbd-client and mke2fs/e2fsck from the host.
+test_packages+=(qemu-system-x86 busybox-static nbd-client kmod util-linux)
 
 packages=("${build_packages[@]}")
 if [[ "${1:-build}" == test ]]; then packages+=("${test_packages[@]}"); fi
