@@ -10,6 +10,8 @@ test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs
 # The kernel rig (tests/kernel) boots a Debian kernel (fetched with apt-get download) under
 # qemu; its initramfs takes busybox, nbd-client and mke2fs/e2fsck from the host.
 test_packages+=(qemu-system-x86 busybox-static nbd-client kmod util-linux)
+# test-systemd-units: systemd-analyze verify wants ExecReload's /bin/kill.
+test_packages+=(procps)
 
 packages=("${build_packages[@]}")
 if [[ "${1:-build}" == test ]]; then packages+=("${test_packages[@]}"); fi
