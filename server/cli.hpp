@@ -1,6 +1,7 @@
 // Command-line parsing for `imagenbd serve`, with flags a qemu-nbd user can guess.
 #pragma once
 
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -24,6 +25,9 @@ struct ServeCommand {
   log::Settings log;
   unsigned blocking_threads = 0;  // 0: default
   std::string config_file;        // --config
+  // Set by apply_config_file: the command line as parsed, before the file was merged in;
+  // a reload merges the re-read file into it again.
+  std::shared_ptr<const ServeCommand> command_line;
 };
 
 // argv[0] is the program or subcommand name; throws UsageError.

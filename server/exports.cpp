@@ -1,7 +1,12 @@
 #include "server/exports.hpp"
 
+#include <cerrno>
 #include <charconv>
 #include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 #include "backends/azure_credentials.hpp"
@@ -61,6 +66,50 @@ uint64_t parse_size(std::string_view text) {
   return value << shift;
 }
 
+backends::azure::Credentials resolve_credentials(std::string_view reference) {
+  std::string text, source;
+  if (reference.starts_with("env:")) {
+    const std::string variable(reference.substr(4));
+    const char* value = variable.empty() ? nullptr : std::getenv(variable.c_str());
+    if (!value || !*value) {
+      throw std::invalid_argument("credentials: the environment variable '" + variable +
+                                  "' is not set (credentials = \"env:" + variable + "\")");
+    }
+    text = value;
+    source = "the environment variable " + variable;
+  } else if (reference.starts_with("file:")) {
+    const std::string path(reference.substr(5));
+    std::ifstream in(path, std::ios::binary);
+    if (!in) {
+      throw std::invalid_argument("credentials: cannot read " + path + ": " + std::strerror(errno));
+    }
+    std::ostringstream content;
+    content << in.rdbuf();
+    text = content.str();
+    // Editors and `echo` end files with a newline; it is not part of the secret.
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    if (text.empty()) throw std::invalid_argument("credentials: " + path + " is empty");
+    source = path;
+  } else {
+    throw std::invalid_argument("credentials must be env:VAR or file:PATH (never inline)");
+  }
+  std::string_view t = text;
+  while (!t.empty() && (t.front() == ' ' || t.front() == '\t')) t.remove_prefix(1);
+  // A SAS token has no ';' and is signed; everything else is a connection string.
+  if (t.starts_with('?') ||
+      (t.find(';') == std::string_view::npos && t.find("sig=") != std::string_view::npos)) {
+    if (t.starts_with('?')) t.remove_prefix(1);
+    backends::azure::Credentials c;
+    c.sas = std::string(t);
+    return c;
+  }
+  try {
+    return backends::azure::parse_connection_string(t);
+  } catch (const std::exception& e) {
+    throw std::invalid_argument(std::string(e.what()) + " (in " + source + ")");
+  }
+}
+
 namespace {
 
 // A URL with a SAS (sv= and sig= in its query) is an Azure blob on any host: that is how
@@ -79,10 +128,17 @@ bool is_sas_url(std::string_view image) {
 boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec) {
   backends::DevicePtr leaf;
   std::string_view image = spec.image;
+  // A config file may name the credentials; otherwise they come from the environment.
+  std::optional<backends::azure::Credentials> given;
+  if (!spec.credentials.empty()) given = resolve_credentials(spec.credentials);
   const bool azure =
       !image.starts_with("file:") && !image.starts_with("memory:") &&
-      (backends::azure::is_azure_uri(image, backends::azure::credentials_from_environment()) ||
+      (backends::azure::is_azure_uri(
+           image, given ? *given : backends::azure::credentials_from_environment()) ||
        is_sas_url(image));
+  if (!azure && given) {
+    throw std::invalid_argument("'" + spec.image + "': credentials apply to Azure blob URIs only");
+  }
   if (!azure && (!spec.snapshot.empty() || spec.force)) {
     throw std::invalid_argument("'" + spec.image + "': " + (spec.force ? "--force" : "--snapshot") +
                                 " applies to Azure blob URIs only");
@@ -103,6 +159,7 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
     options.force = spec.force;
     options.lease_duration = spec.lease_duration;
     options.retry.deadline = std::chrono::seconds(spec.retry_deadline);
+    options.credentials = given;
     leaf = co_await backends::open_azure_page_blob(uri, options);
   } else if (image.starts_with("memory:")) {
     leaf = backends::open_memory(parse_size(image.substr(7)), spec.image);

@@ -11,6 +11,7 @@
 
 #include <boost/asio/awaitable.hpp>
 
+#include "backends/azure_credentials.hpp"
 #include "backends/block_device.hpp"
 #include "formats/open_image.hpp"
 #include "formats/vhd_layout.hpp"
@@ -35,7 +36,10 @@ struct ExportSpec {
   bool force = false;       // --force: break another writer's lease
   int lease_duration = 60;  // --lease-duration, seconds (15..60)
   int retry_deadline = 60;  // --retry-deadline, seconds
-  AccessRules access;       // --allow, --allow-identity, --max-connections
+  // Where the Azure connection string (or SAS token) comes from: "env:VAR" or "file:PATH"
+  // (read at open; config files only); "" = the AZURE_STORAGE_* environment as usual.
+  std::string credentials;
+  AccessRules access;  // --allow, --allow-identity, --max-connections
   bool operator==(const ExportSpec&) const = default;
 };
 
@@ -56,6 +60,13 @@ struct Export {
 
 // Opens the image and builds the layer stack for one export.
 boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec);
+
+// The Azure credentials an ExportSpec::credentials reference names: "env:VAR" (the
+// variable must be set) or "file:PATH" (read now, trailing newline dropped). The text is
+// a connection string ("AccountName=...;AccountKey=..." or "UseDevelopmentStorage=true")
+// or a SAS token ("sv=...&sig=...", a leading '?' allowed). Throws std::invalid_argument
+// naming the variable or file (never the secret).
+backends::azure::Credentials resolve_credentials(std::string_view reference);
 
 // Parses "64M", "1G", "4096" (suffixes K, M, G, T are powers of 1024). Throws
 // std::invalid_argument with a message naming the text.

@@ -130,11 +130,20 @@ int serve(int argc, char** argv) {
     if (!cmd.config_file.empty()) {
       srv.set_reload_handler([&srv, &cmd] { return server::reload_config(srv, cmd); });
     }
-    srv.run();
+    // The server holds the exports from here on: a reload replaces them, and the exports
+    // it removes are closed once nothing holds them (this pointer would, until exit).
+    registry.reset();
+    try {
+      srv.run();
+    } catch (...) {
+      registry = std::const_pointer_cast<server::ExportRegistry>(srv.exports());
+      throw;
+    }
     // After reloads, the exports served at the end are what is flushed and closed below.
     registry = std::const_pointer_cast<server::ExportRegistry>(srv.exports());
   } catch (const std::exception& e) {
     std::fprintf(stderr, "imagenbd: %s\n", e.what());
+    server::close_retired_exports();
     close_leaves(*registry);
     return 1;
   }
@@ -152,6 +161,7 @@ int serve(int argc, char** argv) {
       return 1;
     }
   }
+  server::close_retired_exports();  // exports a reload removed, still open at the stop
   close_leaves(*registry);
   log::info("stopped");
   return 0;
