@@ -16,6 +16,7 @@
 #include "backends/azure_signing.hpp"
 #include "backends/http_status.hpp"
 #include "backends/log.hpp"
+#include "backends/remote_metrics.hpp"
 
 namespace imagenbd::backends::azure {
 
@@ -168,13 +169,25 @@ std::string BlobClient::container_url(std::string_view query) const {
 asio::awaitable<http::Response> BlobClient::perform(std::string_view operation,
                                                     const http::Request& request, bool idempotent) {
   const std::string what = fmt::format("azure: {}: {}", where_.display(), operation);
-  // Each attempt signs a copy: a retried request needs a fresh x-ms-date.
+  // Each attempt signs a copy: a retried request needs a fresh x-ms-date. Each attempt is
+  // counted for the admin endpoint's imagenbd_remote_*{backend="azure"}.
+  RemoteCounters& counters = remote_counters(RemoteKind::azure);
+  int attempts = 0;
   const std::function<asio::awaitable<http::Response>()> attempt =
-      [this, &request]() -> asio::awaitable<http::Response> {
+      [this, &request, &counters, &attempts]() -> asio::awaitable<http::Response> {
     http::Request signed_request = request;
     sign(signed_request, credentials_, std::chrono::system_clock::now());
+    const bool retry = attempts++ > 0;
+    const uint64_t sent = request.body.size();
     auto pending = client_.request(std::move(signed_request));  // GCC 12: no temporaries
-    co_return co_await std::move(pending);                      // in a co_await expression
+    try {
+      http::Response response = co_await std::move(pending);  // in a co_await expression
+      counters.attempted(retry, sent, response.status, response.body_size);
+      co_return response;
+    } catch (...) {  // no response, or one that could not be taken (a body too long)
+      counters.attempted(retry, sent, 0, 0);
+      throw;
+    }
   };
   http::RetryPolicy policy = retry_;
   if (!idempotent) policy.max_attempts = 1;

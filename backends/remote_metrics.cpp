@@ -1,0 +1,25 @@
+#include "backends/remote_metrics.hpp"
+
+namespace imagenbd::backends {
+
+namespace {
+
+std::array<RemoteCounters, remote_kind_count> counters;
+
+}  // namespace
+
+std::string_view remote_kind_name(RemoteKind kind) {
+  switch (kind) {
+    case RemoteKind::azure:
+      return "azure";
+    case RemoteKind::count_:
+      break;
+  }
+  return "unknown";
+}
+
+RemoteCounters& remote_counters(RemoteKind kind) {
+  return counters[static_cast<std::size_t>(kind)];
+}
+
+}  // namespace imagenbd::backends
