@@ -16,6 +16,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <utility>  // before asio: Boost 1.74's awaitable.hpp uses std::exchange
 
@@ -62,6 +63,8 @@ void write_file(const fs::path& path, const std::string& text) {
   std::ofstream out(path);
   out << text;
   REQUIRE(out.good());
+  out.close();
+  fs::permissions(path, fs::perms::owner_read | fs::perms::owner_write);
 }
 
 // ------------------------------------------------------------------------------------
@@ -89,16 +92,19 @@ Cert new_cert(const std::string& subject, EVP_PKEY* key, X509* issuer, EVP_PKEY*
   X509_gmtime_adj(X509_getm_notAfter(cert.get()), 3600 * 24);
   X509_set_pubkey(cert.get(), key);
   X509_NAME* name = X509_get_subject_name(cert.get());
-  // "CN=a,O=b": add in the order given (RFC 2253 prints them reversed).
-  std::string rest = subject;
-  while (!rest.empty()) {
+  // "CN=a,O=b" is RFC 2253 order, the most specific part first: the DN holds them the
+  // other way round.
+  std::vector<std::string> parts;
+  for (std::string rest = subject; !rest.empty();) {
     const auto comma = rest.find(',');
-    const std::string part = rest.substr(0, comma);
+    parts.push_back(rest.substr(0, comma));
     rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
-    const auto eq = part.find('=');
+  }
+  for (auto part = parts.rbegin(); part != parts.rend(); ++part) {
+    const auto eq = part->find('=');
     REQUIRE(X509_NAME_add_entry_by_txt(
-                name, part.substr(0, eq).c_str(), MBSTRING_UTF8,
-                reinterpret_cast<const unsigned char*>(part.c_str() + eq + 1), -1, -1, 0) == 1);
+                name, part->substr(0, eq).c_str(), MBSTRING_UTF8,
+                reinterpret_cast<const unsigned char*>(part->c_str() + eq + 1), -1, -1, 0) == 1);
   }
   X509_set_issuer_name(cert.get(), issuer ? X509_get_subject_name(issuer) : name);
   X509V3_CTX ctx;
@@ -124,6 +130,7 @@ void write_pem(const fs::path& path, EVP_PKEY* key) {
   REQUIRE(f);
   PEM_write_PrivateKey(f, key, nullptr, nullptr, 0, nullptr, nullptr);
   std::fclose(f);
+  fs::permissions(path, fs::perms::owner_read | fs::perms::owner_write);
 }
 
 // A CA, a server certificate it signed (in server_dir with ca-cert.pem, as qemu and nbdkit
