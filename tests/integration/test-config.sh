@@ -70,6 +70,9 @@ assert [e["name"] for e in j["exports"]] == ["raw", "ram", "vhd", "vdi", "ro", "
 assert j["exports"][0]["image"] == sys.argv[2] + "/raw.img", j   # resolved
 assert j["exports"][2]["image"] == "file:" + sys.argv[2] + "/dyn.vhd", j
 EOF
+# The shipped example is valid: every key parses; only its images are missing here.
+must_fail "$tmpdir/example.out" "$IMAGENBD" check-config "$srcdir/../../systemd/imagenbd.toml.example"
+must_contain "$tmpdir/example.out" "imagenbd.toml.example: export 'disk': /var/lib/imagenbd/disk.vhd: No such file or directory"
 "$IMAGENBD" check-config --help | grep 'Usage: imagenbd check-config' >/dev/null ||
     fail "check-config --help"
 

@@ -21,6 +21,7 @@ write_config ()
     {
         echo '[server]'
         echo 'log-level = "info"'
+        printf '%s\n' "${server_extra:-}"
         for e in "$@"; do printf '%s\n' "$e"; done
     } >"$cfg.tmp"
     mv "$cfg.tmp" "$cfg"
@@ -130,9 +131,12 @@ reload ()
 }
 
 # --- reload 1: add new, remove gone, change chg -----------------------------------------
+# (and a [server] setting, which waits for a restart)
+server_extra='idle-timeout = 300'
 write_config "$keep" "$chg2" "$new"
 reload 1
 must_contain "$imagenbd_log" 'configuration reloaded: 1 added, 1 removed, 1 changed, 1 unchanged'
+must_contain "$imagenbd_log" '\[server\] idle-timeout changed: this needs a restart'
 [ "$(nbdinfo --size "$(nbd_uri new)")" = 3145728 ] || fail "the added export is not served"
 [ "$(nbdinfo --size "$(nbd_uri chg)")" = 2097152 ] || fail "the changed export is not reopened"
 [ "$(nbdinfo --size "$(nbd_uri keep)")" = 4194304 ] || fail "keep not served after the reload"
