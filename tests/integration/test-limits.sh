@@ -195,7 +195,7 @@ must_contain "$imagenbd_log" "too many options \(limit 1024\)" "option-limit log
 stop_imagenbd
 
 # --- --idle-timeout=2: idle clients go, busy ones stay --------------------------------------
-start_imagenbd --idle-timeout=2 -x disk memory:1M
+start_imagenbd --idle-timeout=2 -x disk memory:32M
 lim_py - "$sock" <<'EOF'
 import sys, time
 import nbd
@@ -232,8 +232,25 @@ check(not c.is_closed_by_peer(timeout=1.5), "not disconnected 1.5 s into 2 s of 
 closed = c.is_closed_by_peer(timeout=5)
 took = time.monotonic() - start
 check(closed and took <= 3.5, "idle raw client disconnected after %.2f s" % took)
+
+# A request in flight is activity even when the client is slow to take the reply: with
+# a small receive buffer, 16 MiB of reads cannot all be written, so the server is busy
+# writing while the client sends nothing for 4 s. Then every byte must still arrive.
+c = Conn(sock, rcvbuf=16384)
+c.handshake()
+c.go("disk")
+for i in range(16):
+    c.request(CMD_READ, offset=i << 20, length=1 << 20, cookie=i)
+time.sleep(4)
+try:
+    for i in range(16):
+        error, data = c.simple_reply(cookie=i, read_length=1 << 20)
+        assert error == 0 and len(data) == 1 << 20
+    check(True, "slow reader with replies pending kept its connection through 4 s")
+except (EOFError, ConnectionResetError, AssertionError) as e:
+    check(False, "slow reader with replies pending was disconnected: %r" % e)
 done()
 EOF
 must_contain "$imagenbd_log" "idle for 2 s, closing the connection" "idle timeout log"
-[ "$(nbdinfo --size "$(nbd_uri disk)")" = 1048576 ] || fail "not serving after idle drops"
+[ "$(nbdinfo --size "$(nbd_uri disk)")" = 33554432 ] || fail "not serving after idle drops"
 stop_imagenbd
