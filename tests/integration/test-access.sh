@@ -214,6 +214,10 @@ image = "memory:2M"
 allow = ["127.0.0.2"]
 EOF
 "$IMAGENBD" check-config "$tmpdir/two.toml"
+# The same parser checks the file's blocks, naming the file and line.
+sed 's|"127.0.0.2"|"127.0.0.2/24"|' "$tmpdir/two.toml" >"$tmpdir/bad.toml"
+must_fail "$tmpdir/bad-config.out" "$IMAGENBD" check-config "$tmpdir/bad.toml"
+must_contain "$tmpdir/bad-config.out" "bad.toml:[0-9]+.*write 127.0.0.0/24" "config allow error"
 start_imagenbd -p "$tport" --config "$tmpdir/two.toml"
 [ "$(nbdinfo --size "nbd://127.0.0.1:$tport/public")" = 1048576 ] ||
     fail "the export without rules refused 127.0.0.1"
