@@ -131,6 +131,7 @@ asio::awaitable<void> Session::run() {
   grace_.cancel();
   idle_.cancel();
   if (counted_) export_->metrics->connection_closed();
+  co_await transport_.shutdown_tls(std::chrono::seconds(1));
   transport_.close();
 }
 

@@ -3,6 +3,7 @@
 #include <boost/asio/read.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/ssl/stream.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
@@ -45,6 +46,24 @@ asio::awaitable<void> Transport::start_tls(asio::ssl::context& context, error_co
   tls_ = std::make_unique<Tls>(socket_, context);
   co_await tls_->stream.async_handshake(asio::ssl::stream_base::server,
                                         asio::redirect_error(asio::use_awaitable, ec));
+  tls_established_ = !ec;
+}
+
+asio::awaitable<void> Transport::shutdown_tls(std::chrono::milliseconds limit) {
+  if (!tls_established_) co_return;
+  tls_established_ = false;
+  // A peer that never answers our close_notify: ending the socket makes the pending read
+  // fail at once. Once the shutdown is over the handler touches nothing (it may still
+  // run, with success, if it was queued just before the cancel).
+  auto over = std::make_shared<bool>(false);
+  asio::steady_timer timer(socket_.get_executor(), limit);
+  timer.async_wait([this, over](error_code ec) {
+    if (!ec && !*over) shutdown_both();
+  });
+  error_code ec;
+  co_await tls_->stream.async_shutdown(asio::redirect_error(asio::use_awaitable, ec));
+  *over = true;
+  timer.cancel();
 }
 
 SSL* Transport::native_tls() {

@@ -7,6 +7,7 @@
 // allows.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <span>
@@ -49,6 +50,12 @@ class Transport {
   bool tls() const { return tls_ != nullptr; }
   SSL* native_tls();  // null without TLS
 
+  // Ends TLS cleanly before close(): sends close_notify and waits up to `limit` for the
+  // peer's, so a client reading sees a proper end, not a possible truncation attack.
+  // Nothing to do without an established TLS session; errors are ignored (the client
+  // may be gone). No read or write may be in flight.
+  asio::awaitable<void> shutdown_tls(std::chrono::milliseconds limit);
+
   // Ends the receive side (pending reads see EOF), both sides, or closes the socket.
   void shutdown_receive();
   void shutdown_both();
@@ -58,6 +65,7 @@ class Transport {
   struct Tls;
   Socket socket_;
   std::unique_ptr<Tls> tls_;
+  bool tls_established_ = false;
 };
 
 }  // namespace imagenbd::server

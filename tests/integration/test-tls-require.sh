@@ -5,8 +5,9 @@
 # ERR_TLS_REQD (EXPORT_NAME: hang-up) and -- reading every byte the server sends -- never
 # an export name, description or size. After STARTTLS and the TLS handshake (Python's ssl)
 # the same options work, a second STARTTLS is ERR_INVALID, and options agreed before TLS
-# are forgotten. Bytes sent after STARTTLS but before the TLS handshake close the
-# connection. In on mode plaintext and TLS clients both work. The server keeps serving
+# are forgotten, and DISC ends TLS with a close_notify. Bytes sent after STARTTLS but
+# before the TLS handshake close the connection. In on mode plaintext and TLS clients
+# both work. The server keeps serving
 # after each refusal.
 source "$(dirname "$0")/functions.sh"
 source "$srcdir/tls.sh"
@@ -105,7 +106,8 @@ r = c.option(OPT_STARTTLS)
 check(r == [(REP_ACK, b"")], "STARTTLS: ACK")
 ctx = ssl.create_default_context(cafile=ca)
 ctx.check_hostname = False
-c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+# Ragged EOFs raise, so the end of the connection below shows the server's close_notify.
+c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", suppress_ragged_eofs=False)
 check(c.sock.version() in ("TLSv1.2", "TLSv1.3"), "TLS version %s" % c.sock.version())
 names = [d[4:4 + struct.unpack(">I", d[:4])[0]].decode()
          for t, d in c.option(OPT_LIST) if t == REP_SERVER]
@@ -121,6 +123,10 @@ c.request(CMD_READ, 0, 4096)
 err, block = c.simple_reply(read_length=4096)
 check(err == 0 and block == bytes(4096), "READ over TLS with simple replies")
 c.request(CMD_DISC)
+try:
+    check(c.sock.recv(1) == b"", "after DISC the server ends TLS with close_notify")
+except ssl.SSLEOFError as e:
+    check(False, "after DISC the server ends TLS with close_notify (%s)" % e)
 c.close()
 
 # 3. Data sent after STARTTLS before the TLS handshake: the connection is closed.
