@@ -7,8 +7,8 @@
 # the same options work, a second STARTTLS is ERR_INVALID, and options agreed before TLS
 # are forgotten, and DISC ends TLS with a close_notify. Bytes sent after STARTTLS but
 # before the TLS handshake close the connection. In on mode plaintext and TLS clients
-# both work. The server keeps serving
-# after each refusal.
+# both work. A client that drops mid-handshake or mid-transmission is EOF (the server
+# does not spin). The server keeps serving after each refusal.
 source "$(dirname "$0")/functions.sh"
 source "$srcdir/tls.sh"
 set -x
@@ -144,6 +144,16 @@ c.handshake()
 check(c.option(OPT_STARTTLS) == [(REP_ACK, b"")], "STARTTLS: ACK (then hang up)")
 c.send(b"\x16\x03\x01\x02\x00\x01")  # the start of a ClientHello
 c.close()
+
+# 5. A TLS client that vanishes in the middle of transmission, without close_notify,
+# with a READ outstanding.
+c = Conn(("127.0.0.1", port))
+c.handshake()
+check(c.option(OPT_STARTTLS) == [(REP_ACK, b"")], "STARTTLS: ACK (then vanish later)")
+c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost")
+c.go("secret-disk")
+c.request(CMD_READ, 0, 65536)
+c.sock.close()
 
 if failures:
     sys.exit("%d check(s) failed" % len(failures))
