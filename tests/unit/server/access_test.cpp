@@ -84,7 +84,9 @@ TEST_CASE("Cidr refuses junk, prefixes out of range and host bits with a clear m
   for (const char* junk :
        {"", " ", "/8", "10.0.0.0/", "10.0.0.0/x", "10.0.0.0/-1", "10.0.0.0/+8", "10.0.0.0/8/8",
         "10.0.0.0/ 8", "10.0.0", "10.0.0.256", "1.2.3.4.5", "localhost", "10.0.0.0/8,", "::g",
-        "1:2:3:4:5:6:7:8:9", "fe80::1%eth0", "fe80::1%eth0/64", "10.0.0.0/0008"}) {
+        "1:2:3:4:5:6:7:8:9", "fe80::1%eth0", "fe80::1%eth0/64", "10.0.0.0/0008",
+        // Leading zeros read as octal elsewhere: ambiguous, refused.
+        "010.0.0.1", "10.0.0.01/32"}) {
     CAPTURE(junk);
     CHECK_THROWS_AS(Cidr::parse(junk), std::invalid_argument);
   }
