@@ -128,6 +128,35 @@ qemu-io -f raw -r -c 'read -P 0x11 0 64k' "$img/raw.img" | tee "$tmpdir/r1"
 qemu-io -f vpc -r -c 'read -P 0x22 4M 64k' "$img/dyn.vhd" | tee "$tmpdir/r2"
 ! grep -q "verification failed" "$tmpdir/r1" "$tmpdir/r2" || fail "writes did not reach the images"
 
+# --- [server] listen and pid-file from the file (no listener flags on the command line) ---------
+tcp_port=$(free_port)
+mkdir -p "$tmpdir/etc/run"
+# Unix socket paths are limited to 107 bytes: relative to the file if that fits.
+nbd_sock=run/nbd.sock sock_path=$tmpdir/etc/run/nbd.sock
+if [ ${#sock_path} -gt 100 ]; then nbd_sock=$sockdir/listen.sock sock_path=$sockdir/listen.sock; fi
+cat >"$tmpdir/etc/listen.toml" <<EOF
+[server]
+listen = ["127.0.0.1:$tcp_port", "unix:$nbd_sock"]
+pid-file = "run/imagenbd.pid"
+[[export]]
+name = "disk"
+image = "../images/raw.img"
+read-only = true
+EOF
+"$IMAGENBD" serve --config "$tmpdir/etc/listen.toml" </dev/null >"$tmpdir/listen.log" 2>&1 &
+listen_pid=$!
+cleanup_fn kill_quietly "$listen_pid"
+for _ in $(seq 100); do [ -s "$tmpdir/etc/run/imagenbd.pid" ] && break; sleep 0.1; done
+[ "$(cat "$tmpdir/etc/run/imagenbd.pid" 2>/dev/null)" = "$listen_pid" ] ||
+    { cat "$tmpdir/listen.log"; fail "no pid file at the file's pid-file (relative to it)"; }
+[ "$(nbdinfo --size "nbd://127.0.0.1:$tcp_port/disk")" = 4194304 ] ||
+    fail "not on the file's TCP address"
+[ "$(nbdinfo --size "nbd+unix:///disk?socket=$sock_path")" = 4194304 ] ||
+    fail "not on the file's Unix socket (relative to it)"
+kill -TERM "$listen_pid"
+wait "$listen_pid" || fail "the server with the file's listeners did not stop cleanly"
+[ ! -e "$tmpdir/etc/run/imagenbd.pid" ] || fail "pid file left behind"
+
 # --- a duplicate name between the file and the command line ---------------------------------
 must_fail "$tmpdir/dup.out" "$IMAGENBD" serve --config "$cfg" -k "$sockdir/x.sock" raw=memory:1M
 must_contain "$tmpdir/dup.out" "export name 'raw' is used twice: in $cfg:7 and on the command line"
