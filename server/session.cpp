@@ -263,8 +263,9 @@ asio::awaitable<bool> Session::start_tls(protocol::Handshake& hs, std::vector<st
   if (options_.metrics) ++options_.metrics->tls_handshakes;
   peer_info_.tls = true;
   peer_info_.tls_identity = tls_peer_identity(transport_.native_tls());
-  log::info("{}: TLS established{}{}", peer_, peer_info_.tls_identity.empty() ? "" : " with ",
-            peer_info_.tls_identity);
+  log::info("{}: TLS established ({}){}{}", peer_,
+            tls_session_summary(transport_.native_tls()),
+            peer_info_.tls_identity.empty() ? "" : " with ", peer_info_.tls_identity);
   hs.tls_started();
   co_return true;
 }

@@ -272,4 +272,10 @@ std::string tls_peer_identity(SSL* ssl) {
   return {};
 }
 
+std::string tls_session_summary(SSL* ssl) {
+  if (!ssl) return {};
+  const SSL_CIPHER* cipher = SSL_get_current_cipher(ssl);
+  return std::string(SSL_get_version(ssl)) + ", " + (cipher ? SSL_CIPHER_get_name(cipher) : "?");
+}
+
 }  // namespace imagenbd::server

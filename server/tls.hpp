@@ -32,4 +32,8 @@ std::shared_ptr<boost::asio::ssl::context> make_tls_context(const TlsSettings& s
 // (RFC 2253 form, e.g. "CN=client1,O=Example"), or the PSK user name; "" if none.
 std::string tls_peer_identity(SSL* ssl);
 
+// The protocol version and cipher suite in use, for the log ("TLSv1.3,
+// TLS_AES_256_GCM_SHA384"); "" if none.
+std::string tls_session_summary(SSL* ssl);
+
 }  // namespace imagenbd::server

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# TLS-PSK (--tls-psk FILE, psktool's format) with the GnuTLS clients: qemu-img info and
-# convert and qemu-io write/read through --object tls-creds-psk, nbdinfo and nbdcopy with
+# TLS-PSK (--tls-psk FILE, psktool's format) with the GnuTLS clients: qemu-img info (TLS
+# 1.3 and 1.2) and convert and qemu-io write/read through
+# --object tls-creds-psk, nbdinfo and nbdcopy with
 # nbds:// URIs and tls-psk-file; data written over TLS reads back identically and is in
 # the image on disk. A wrong key and an unknown user are refused and the server keeps
 # serving. --allow-identity lets in the PSK user named and refuses the other
@@ -59,6 +60,12 @@ if grep -Ei 'fail|error|pattern' "$tmpdir/io.out"; then fail "qemu-io reported a
 cmp <(head -c $(( 256 * 1024 )) /dev/zero | tr '\0' 'Z') \
     <(dd if="$img" bs=1024 skip=1024 count=256 status=none) ||
     fail "the data written over TLS-PSK is not in the image"
+
+# TLS 1.2 too (a GnuTLS priority string without TLS 1.3; qemu adds the PSK key exchanges).
+qemu-img info --object "$(qemu_tls alice),priority=NORMAL:-VERS-TLS1.3" \
+    --image-opts "$(qemu_nbd)" >/dev/null || fail "qemu-img over TLS 1.2 failed"
+must_contain "$imagenbd_log" "TLS established \(TLSv1.2, [A-Z]*-?PSK-.*\) with alice" "server log"
+must_contain "$imagenbd_log" "TLS established \(TLSv1.3, .*\) with alice" "server log"
 
 # --- nbdinfo and nbdcopy ------------------------------------------------------------------
 nbdinfo --json "$(psk_uri alice)" | tee "$tmpdir/nbdinfo.json"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TLS with X.509 certificates (--tls-certificates DIR) and the GnuTLS clients: qemu-img
-# info/convert and qemu-io write/read through --object tls-creds-x509, nbdinfo and nbdcopy
+# info/convert (TLS 1.3 and 1.2) and qemu-io write/read through --object tls-creds-x509, nbdinfo and nbdcopy
 # with nbds:// URIs and tls-certificates; data written over TLS reads back identically and
 # is in the image. With --tls-verify-peer a client certificate from our CA gets in, one
 # from another CA and none at all are refused, and the server keeps serving. With
@@ -51,6 +51,11 @@ cmp <(head -c $(( 128 * 1024 )) /dev/zero | tr '\0' '\247') \
     <(dd if="$img" bs=1024 skip=512 count=128 status=none) ||
     fail "the data qemu-io wrote over TLS is not in the image"
 
+# TLS 1.2 too (GnuTLS priority string without TLS 1.3).
+qemu-img info --object "$(qemu_tls anon),priority=NORMAL:-VERS-TLS1.3" \
+    --image-opts "$(qemu_nbd)" >/dev/null || fail "qemu-img over TLS 1.2 failed"
+must_contain "$imagenbd_log" "TLS established \(TLSv1.2, ECDHE-" "server log"
+
 nbdinfo --json "$(x509_uri anon)" | tee "$tmpdir/nbdinfo.json"
 must_contain "$tmpdir/nbdinfo.json" '"TLS": true'
 head -c $(( 4 * 1024 * 1024 )) /dev/urandom >"$tmpdir/new.raw"
@@ -76,7 +81,8 @@ must_fail "$tmpdir/foreign-qemu.out" \
     qemu-img info --object "$(qemu_tls foreign)" --image-opts "$(qemu_nbd)"
 must_fail "$tmpdir/anon.out" nbdinfo "$(x509_uri anon)"
 nbdinfo "$(x509_uri client1)" >/dev/null || fail "the server stopped serving after the refusals"
-must_contain "$imagenbd_log" "TLS established with CN=client1,O=Example" "server log"
+must_contain "$imagenbd_log" "TLS established \(TLSv1.3, .*\) with CN=client1,O=Example" \
+    "server log"
 must_contain "$imagenbd_log" "TLS handshake failed" "server log"
 stop_imagenbd
 
