@@ -8,7 +8,8 @@
 # are forgotten, and DISC ends TLS with a close_notify. Bytes sent after STARTTLS but
 # before the TLS handshake close the connection. In on mode plaintext and TLS clients
 # both work. A client that drops mid-handshake or mid-transmission is EOF (the server
-# does not spin). The server keeps serving after each refusal.
+# does not spin). The server keeps serving after each refusal. The handshake deadline
+# covers the TLS handshake, and a server stop ends TLS sessions with close_notify.
 source "$(dirname "$0")/functions.sh"
 source "$srcdir/tls.sh"
 set -x
@@ -169,6 +170,44 @@ cpu2=$(awk '{ print $14 + $15 }' "/proc/$imagenbd_pid/stat")
 must_contain "$imagenbd_log" "data received after NBD_OPT_STARTTLS" "server log"
 must_contain "$imagenbd_log" "TLS handshake failed" "server log"
 stop_imagenbd
+
+# --- the handshake deadline covers the TLS handshake; a stop ends TLS cleanly -----------------
+start_imagenbd_tcp --tls=require --tls-certificates="$tmpdir/server" --handshake-timeout=1 \
+    -x secret-disk "$img"
+py3 - "$port" "$tmpdir/client/ca-cert.pem" "$tmpdir/ready" >"$tmpdir/idle.out" 2>&1 <<'EOF2' &
+import ssl, sys, time
+from rawnbd import *
+port, ca, ready = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+# A client that stalls after STARTTLS is dropped by the handshake deadline.
+c = Conn(("127.0.0.1", port))
+c.handshake()
+assert c.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+start = time.monotonic()
+assert c.is_closed_by_peer(timeout=5), "a client stalled after STARTTLS was not dropped"
+print("stalled client dropped after %.1f s" % (time.monotonic() - start), flush=True)
+# An idle TLS client in transmission: the server's stop ends TLS with close_notify.
+c = Conn(("127.0.0.1", port), timeout=20)
+c.handshake()
+assert c.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+ctx = ssl.create_default_context(cafile=ca)
+ctx.check_hostname = False
+c.sock = ctx.wrap_socket(c.sock, server_hostname="localhost", suppress_ragged_eofs=False)
+c.go("secret-disk")
+open(ready, "w").close()
+try:
+    data = c.sock.recv(1)
+except ssl.SSLEOFError as e:
+    sys.exit("the stop did not end TLS with close_notify: %s" % e)
+assert data == b"", "unexpected data %r" % data
+print("stop: close_notify received", flush=True)
+EOF2
+idle_pid=$!
+for (( i = 0; i < 100; ++i )); do [ -e "$tmpdir/ready" ] && break; sleep 0.1; done
+[ -e "$tmpdir/ready" ] || { cat "$tmpdir/idle.out"; fail "the idle TLS client did not connect"; }
+stop_imagenbd
+wait "$idle_pid" || { cat "$tmpdir/idle.out"; fail "the idle TLS client saw no clean end"; }
+cat "$tmpdir/idle.out"
+must_contain "$imagenbd_log" "handshake not finished" "server log"
 
 # --- on mode: plaintext and TLS both work ----------------------------------------------
 start_imagenbd_tcp --tls=on --tls-certificates="$tmpdir/server" -x secret-disk "$img"
