@@ -12,6 +12,8 @@
 # exit 4) fails the test: CI must not pass without having booted the kernel.
 
 kernel_rig=$(cd "$srcdir/../kernel" && pwd)
+# e2fsck, debugfs and mkfs.ext4 live in /usr/sbin, which is not on a Debian user's PATH.
+PATH=$PATH:/usr/sbin:/sbin
 requires qemu-system-x86_64 qemu-img e2fsck debugfs
 
 MiB=1048576

@@ -9,6 +9,8 @@
 #                     depends on, e.g. linux-image-6.1.0-56-amd64)
 
 RIG_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# depmod, modprobe, mke2fs and e2fsck live in /usr/sbin, which is not on a Debian user's PATH.
+PATH=$PATH:/usr/sbin:/sbin
 # In the user's cache rather than /tmp: the kernel and the initramfs survive a reboot and
 # are shared by every checkout and build tree.
 RIG_CACHE=${IMAGENBD_KERNEL_CACHE:-${KERNEL_RIG_CACHE:-${HOME:-/tmp}/.cache/imagenbd-kernel-rig}}
