@@ -7,7 +7,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <span>
 #include <string>
+#include <string_view>
 
 #include "protocol/wire.hpp"
 
@@ -47,6 +49,11 @@ class ExportMetrics {
                         std::chrono::nanoseconds latency);
   // For requests refused before they started (no request_started() call).
   void request_refused(protocol::Cmd command, protocol::Errno result);
+  // NBD_CMD_DISC: counted, never timed (the connection ends with it).
+  void disconnect_requested() {
+    commands[static_cast<std::size_t>(protocol::Cmd::disc)].requests.fetch_add(
+        1, std::memory_order_relaxed);
+  }
 
   std::atomic<int64_t> connections{0};           // open now
   std::atomic<uint64_t> connections_total{0};    // ever opened
@@ -72,9 +79,22 @@ struct ServerMetrics {
   std::atomic<uint64_t> reload_failures{0};
 };
 
-// The Prometheus text exposition (version 0.0.4) of `server` and each export, plus the
-// remote-storage counters of backends/ (see backends/remote_metrics.hpp once it exists).
+// The label values of the counted commands, by protocol::Cmd value ("read", "write",
+// "disc", ...), and of the counted errnos, by index in ExportMetrics::errors ("EPERM", ...,
+// "other").
+std::string_view command_label(std::size_t command);
+std::string_view errno_label(std::size_t index);
+
+// A label value escaped for the text exposition format: backslash, double quote and
+// newline become \\, \" and \n.
+std::string escape_label_value(std::string_view value);
+
+// The Prometheus text exposition (version 0.0.4) of `server` and each export (only those
+// named in `only`, when it is not empty), plus the remote-storage counters of backends/
+// (backends/remote_metrics.hpp). Every family has its HELP and TYPE lines; histograms are
+// cumulative with le="+Inf", _sum (seconds) and _count.
 class ExportRegistry;
-std::string render_prometheus(const ServerMetrics& server, const ExportRegistry& exports);
+std::string render_prometheus(const ServerMetrics& server, const ExportRegistry& exports,
+                              std::span<const std::string> only = {});
 
 }  // namespace imagenbd::server
