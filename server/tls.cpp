@@ -40,7 +40,23 @@ int psk_keys_index() {
       });
   return index;
 }
+// A name the client sent, safe to log: printable ASCII, at most 64 characters.
+std::string printable(std::string_view text) {
+  std::string out;
+  for (char c : text.substr(0, 64)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  if (text.size() > 64) out += "...";
+  return out;
+}
+
 int psk_identity_index() {
+  static const int index = SSL_get_ex_new_index(
+      0, nullptr, nullptr, nullptr, [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
+        delete static_cast<std::string*>(ptr);
+      });
+  return index;
+}
+
+int psk_unknown_index() {
   static const int index = SSL_get_ex_new_index(
       0, nullptr, nullptr, nullptr, [](void*, void* ptr, CRYPTO_EX_DATA*, int, long, void*) {
         delete static_cast<std::string*>(ptr);
@@ -197,7 +213,12 @@ unsigned int psk_server_callback(SSL* ssl, const char* identity, unsigned char* 
       static_cast<const PskKeys*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), psk_keys_index()));
   if (!keys || !identity) return 0;
   const auto it = keys->find(std::string_view(identity));
-  if (it == keys->end() || it->second.size() > max_psk_len) return 0;  // handshake fails
+  if (it == keys->end() || it->second.size() > max_psk_len) {
+    // The handshake fails; OpenSSL's error will not say why, the log should.
+    delete static_cast<std::string*>(SSL_get_ex_data(ssl, psk_unknown_index()));
+    SSL_set_ex_data(ssl, psk_unknown_index(), new std::string(identity));
+    return 0;
+  }
   std::memcpy(psk, it->second.data(), it->second.size());
   delete static_cast<std::string*>(SSL_get_ex_data(ssl, psk_identity_index()));
   SSL_set_ex_data(ssl, psk_identity_index(), new std::string(it->first));
@@ -206,6 +227,7 @@ unsigned int psk_server_callback(SSL* ssl, const char* identity, unsigned char* 
 
 void load_psk(SSL_CTX* ctx, const TlsSettings& settings) {
   psk_identity_index();  // registered before the first connection's SSL exists
+  psk_unknown_index();
   auto keys = std::make_unique<PskKeys>(read_psk_file(settings.psk_file));
   const std::size_t users = keys->size();
   if (SSL_CTX_set_ex_data(ctx, psk_keys_index(), keys.get()) != 1) {
@@ -268,6 +290,27 @@ std::string tls_peer_identity(SSL* ssl) {
   if (const auto* user =
           static_cast<const std::string*>(SSL_get_ex_data(ssl, psk_identity_index()))) {
     return *user;
+  }
+  return {};
+}
+
+std::string tls_failure_hint(SSL* ssl) {
+  if (!ssl) return {};
+  if (const auto* user =
+          static_cast<const std::string*>(SSL_get_ex_data(ssl, psk_unknown_index()))) {
+    return "unknown TLS-PSK user '" + printable(*user) + "'";
+  }
+  if (const auto* user =
+          static_cast<const std::string*>(SSL_get_ex_data(ssl, psk_identity_index()))) {
+    return "TLS-PSK user '" + printable(*user) + "': is the client's key the one in our file?";
+  }
+  if (const long result = SSL_get_verify_result(ssl);
+      result != X509_V_OK && (SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER)) {
+    std::string hint = std::string("client certificate: ") + X509_verify_cert_error_string(result);
+    if (const X509* cert = SSL_get0_peer_certificate(ssl)) {
+      hint += " (" + printable(name_rfc2253(X509_get_subject_name(cert))) + ")";
+    }
+    return hint;
   }
   return {};
 }

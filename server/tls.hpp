@@ -32,6 +32,11 @@ std::shared_ptr<boost::asio::ssl::context> make_tls_context(const TlsSettings& s
 // (RFC 2253 form, e.g. "CN=client1,O=Example"), or the PSK user name; "" if none.
 std::string tls_peer_identity(SSL* ssl);
 
+// After a failed TLS handshake: what the server knows that OpenSSL's error does not say
+// (the PSK user the client named, why its certificate failed), for the log; "" if
+// nothing. Client-chosen names are sanitised.
+std::string tls_failure_hint(SSL* ssl);
+
 // The protocol version and cipher suite in use, for the log ("TLSv1.3,
 // TLS_AES_256_GCM_SHA384"); "" if none.
 std::string tls_session_summary(SSL* ssl);

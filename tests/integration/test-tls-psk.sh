@@ -87,7 +87,9 @@ must_fail "$tmpdir/mallory.out" nbdinfo "$(psk_uri mallory)"
 must_fail "$tmpdir/wrong-qemu.out" qemu-img info --object "$(qemu_tls wrong | sed 's/username=wrong/username=alice/')" \
     --image-opts "$(qemu_nbd)"
 nbdinfo "$(psk_uri alice)" >/dev/null || fail "the server stopped serving after refusing bad keys"
-must_contain "$imagenbd_log" "TLS handshake failed" "server log"
+must_contain "$imagenbd_log" "TLS handshake failed: .*: unknown TLS-PSK user 'mallory'" "server log"
+must_contain "$imagenbd_log" "TLS handshake failed: .*: TLS-PSK user 'alice': is the client's key" \
+    "server log"
 stop_imagenbd
 
 # --- --allow-identity: alice in, bob refused -------------------------------------------------
