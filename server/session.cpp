@@ -256,7 +256,9 @@ asio::awaitable<bool> Session::start_tls(protocol::Handshake& hs, std::vector<st
   if (!options_.tls_context) co_return false;
   co_await transport_.start_tls(*options_.tls_context, ec);
   if (ec) {
-    log::warn("{}: TLS handshake failed: {}", peer_, ec.message());
+    const std::string hint = tls_failure_hint(transport_.native_tls());
+    log::warn("{}: TLS handshake failed: {}{}{}", peer_, ec.message(), hint.empty() ? "" : ": ",
+              hint);
     if (options_.metrics) ++options_.metrics->handshake_failures;
     co_return false;
   }
