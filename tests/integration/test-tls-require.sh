@@ -210,7 +210,8 @@ cat "$tmpdir/idle.out"
 must_contain "$imagenbd_log" "handshake not finished" "server log"
 
 # --- on mode: plaintext and TLS both work ----------------------------------------------
-start_imagenbd_tcp --tls=on --tls-certificates="$tmpdir/server" -x secret-disk "$img"
+start_imagenbd_tcp --tls=on --tls-certificates="$tmpdir/server" --admin="unix:$sockdir/admin.sock" \
+    -x secret-disk "$img"
 nbdinfo --json "nbd://127.0.0.1:$port/secret-disk" | tee "$tmpdir/on-plain.json"
 must_contain "$tmpdir/on-plain.json" '"TLS": false'
 nbdinfo --json "nbds://127.0.0.1:$port/secret-disk?tls-certificates=$tmpdir/client" |
@@ -218,6 +219,11 @@ nbdinfo --json "nbds://127.0.0.1:$port/secret-disk?tls-certificates=$tmpdir/clie
 must_contain "$tmpdir/on-tls.json" '"TLS": true'
 nbdinfo --is tls "nbds://127.0.0.1:$port/secret-disk?tls-certificates=$tmpdir/client" ||
     fail "nbdinfo --is tls: not TLS in on mode"
+# Two TLS handshakes, one plaintext client: the metric counts the handshakes.
+if command -v curl >/dev/null; then
+    curl -sf --unix-socket "$sockdir/admin.sock" http://localhost/metrics >"$tmpdir/metrics.txt"
+    must_contain "$tmpdir/metrics.txt" '^imagenbd_tls_handshakes_total 2$' "/metrics"
+fi
 stop_imagenbd
 
 # --- TLS flags need credentials; credentials alone mean on ------------------------------
