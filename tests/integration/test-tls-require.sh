@@ -4,12 +4,13 @@
 # LIST, INFO, GO, meta context options, an unknown option and EXPORT_NAME without TLS gets
 # ERR_TLS_REQD (EXPORT_NAME: hang-up) and -- reading every byte the server sends -- never
 # an export name, description or size. After STARTTLS and the TLS handshake (Python's ssl)
-# the same options work, a second STARTTLS is ERR_INVALID, and options agreed before TLS
+# the same options work, a second STARTTLS is ERR_INVALID, options agreed before TLS
 # are forgotten, and DISC ends TLS with a close_notify. Bytes sent after STARTTLS but
 # before the TLS handshake close the connection. In on mode plaintext and TLS clients
 # both work. A client that drops mid-handshake or mid-transmission is EOF (the server
 # does not spin). The server keeps serving after each refusal. The handshake deadline
 # covers the TLS handshake, and a server stop ends TLS sessions with close_notify.
+# /metrics counts the TLS handshakes.
 source "$(dirname "$0")/functions.sh"
 source "$srcdir/tls.sh"
 set -x
