@@ -7,7 +7,8 @@
 # table, --json, --prometheus, errors. (4) A stuck admin client (sends half a request) and
 # a slow one (pipelines requests without reading answers) block neither the NBD data path
 # nor other admin clients. (5) Loopback TCP works, a non-loopback --admin is refused, the
-# socket file is 0600 and removed at exit.
+# socket file is 0600 and removed at exit. (6) POST /reload with --config: 200 and the
+# new export listed; a broken file is 500 and changes nothing.
 source "$(dirname "$0")/functions.sh"
 set -x
 
@@ -199,6 +200,51 @@ must_fail "$tmpdir/nonloopback.out" "$IMAGENBD" serve -k "$sockdir/x.sock" --adm
 must_contain "$tmpdir/nonloopback.out" "not a loopback address.*no authentication"
 must_fail "$tmpdir/badaddr.out" "$IMAGENBD" serve -k "$sockdir/x.sock" --admin="nowhere" memory:1M
 must_contain "$tmpdir/badaddr.out" "admin address 'nowhere'"
+
+# --- 6. POST /reload with --config -------------------------------------------------------
+# [admin] listen from the file; an added export appears in /exports, reloads_total counts;
+# a broken file is 500, counted as a failure, and the exports stay as they were.
+cat >"$tmpdir/imagenbd.toml" <<EOF
+[admin]
+listen = "unix:$sockdir/cfg-admin.sock"
+
+[[export]]
+name = "one"
+image = "memory:1M"
+EOF
+start_imagenbd --config "$tmpdir/imagenbd.toml"
+cadmin=unix:$sockdir/cfg-admin.sock
+cat >>"$tmpdir/imagenbd.toml" <<EOF
+
+[[export]]
+name = "two"
+image = "memory:2M"
+EOF
+py3 - "$cadmin" <<'EOF'
+import json, sys, adminhttp
+admin = sys.argv[1]
+status, _, body = adminhttp.request(admin, "POST", "/reload")
+assert status == 200, (status, body)
+answer = json.loads(body)
+assert answer["result"] == "reloaded" and "1 added" in answer["summary"], answer
+status, _, body = adminhttp.request(admin, "GET", "/exports")
+assert [e["name"] for e in json.loads(body)["exports"]] == ["one", "two"], body
+m = adminhttp.scrape(admin)
+assert m.value("imagenbd_reloads_total") == 1 and m.value("imagenbd_exports") == 2, m.text
+assert m.value("imagenbd_export_size_bytes", export="two") == 2 << 20
+EOF
+echo 'this is = not [valid' >>"$tmpdir/imagenbd.toml"
+py3 - "$cadmin" <<'EOF'
+import json, sys, adminhttp
+admin = sys.argv[1]
+status, _, body = adminhttp.request(admin, "POST", "/reload")
+assert status == 500 and "imagenbd.toml" in json.loads(body)["error"], (status, body)
+status, _, body = adminhttp.request(admin, "GET", "/exports")
+assert [e["name"] for e in json.loads(body)["exports"]] == ["one", "two"], body
+m = adminhttp.scrape(admin)
+assert m.value("imagenbd_reloads_total") == 1 and m.value("imagenbd_reload_failures_total") == 1
+EOF
+stop_imagenbd
 
 # A stale socket file (its server gone) is replaced.
 py3 -c 'import socket, sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])' "$sockdir/stale.sock"
