@@ -122,6 +122,9 @@ void Session::stop() {
 asio::awaitable<void> Session::run() {
   try {
     if (co_await handshake()) {
+      // From here on the session needs only its own export: letting go of the registry
+      // lets a reload close the exports it removed while this connection goes on.
+      exports_.reset();
       co_await transmission();
       co_await drain_and_close();
     }
