@@ -96,13 +96,12 @@ AdminAddress parse_admin_address(std::string_view text) {
 namespace {
 
 using Request = http::request<http::string_body>;
+using Response = http::response<http::string_body>;
 
 // Beast 1.74 hands out boost::string_view.
 std::string_view sv(beast::string_view text) {
   return {text.data(), text.size()};
 }
-
-using Response = http::response<http::string_body>;
 
 Response make_response(const Request& request, http::status status, std::string_view type,
                        std::string body) {
@@ -383,6 +382,8 @@ asio::awaitable<void> AdminServer::Impl::serve(generic::socket accepted, uint64_
       const Request& request = parser.get();
       response = respond(request);
       response->keep_alive(request.keep_alive());
+      log::debug("admin endpoint {}: {} {} -> {}", label, sv(request.method_string()),
+                 sv(request.target()), response->result_int());
     }
     response->prepare_payload();
     arm(limits.write_timeout);
