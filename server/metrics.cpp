@@ -186,6 +186,14 @@ std::string render_prometheus(const ServerMetrics& server, const ExportRegistry&
   for (const Export* e : exports) {
     out.sample("export_size_bytes", export_label(*e), e->device->size());
   }
+  out.family("export_info", "gauge", "Always 1; the export's format and whether it is read-only.");
+  for (const Export* e : exports) {
+    out.sample("export_info",
+               fmt::format("{},format=\"{}\",read_only=\"{}\"", export_label(*e),
+                           escape_label_value(e->device->name()),
+                           e->device->caps().writable ? "false" : "true"),
+               1);
+  }
   out.family("export_requests_total", "counter",
              "Requests by command, including those refused (errors_total counts their errors).");
   for (const Export* e : exports) {

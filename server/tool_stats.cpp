@@ -47,8 +47,8 @@ its admin endpoint (imagenbd serve --admin=ADDR, or [admin] listen in the config
 With EXPORT names, only those exports ("" is the default export); an unknown name is an
 error.
 
-The table has one block per export: open connections (and all since the start, and
-those refused), requests in flight, the size; then per command that was used: requests,
+The table has one block per export: its format and mode, open connections (and all
+since the start, and those refused), requests in flight, the size; then per command that was used: requests,
 payload bytes, and the 50th and 99th percentile latency estimated from the histogram
 ("<100 us" inside the first bucket, ">2.5 s" beyond the last); then the errors by NBD
 errno.
@@ -288,6 +288,7 @@ std::string stats_table(std::string_view metrics_text) {
   };
   struct ExportStats {
     double connections = 0, connections_total = 0, refused = 0, in_flight = 0, size = 0;
+    std::string kind;                              // "raw, read-write", from imagenbd_export_info
     std::map<std::string, CommandStats> commands;  // by command label
     std::vector<std::pair<std::string, double>> errors;
   };
@@ -304,6 +305,10 @@ std::string stats_table(std::string_view metrics_text) {
     if (s.name == "imagenbd_export_connections_refused_total") e.refused = s.value;
     if (s.name == "imagenbd_export_in_flight") e.in_flight = s.value;
     if (s.name == "imagenbd_export_size_bytes") e.size = s.value;
+    if (s.name == "imagenbd_export_info" && s.label("format") && s.label("read_only")) {
+      e.kind = fmt::format(" ({}, {})", *s.label("format"),
+                           *s.label("read_only") == "true" ? "read-only" : "read-write");
+    }
     if (s.name == "imagenbd_export_errors_total" && s.label("errno") && s.value > 0) {
       e.errors.emplace_back(*s.label("errno"), s.value);
     }
@@ -335,9 +340,9 @@ std::string stats_table(std::string_view metrics_text) {
   for (const auto& name : order) {
     const ExportStats& e = exports[name];
     fmt::format_to(std::back_inserter(out),
-                   "export '{}': {} connection(s) open ({} since start, {} refused), {} in "
+                   "export '{}'{}: {} connection(s) open ({} since start, {} refused), {} in "
                    "flight, {} ({} bytes)\n",
-                   name, count(e.connections), count(e.connections_total), count(e.refused),
+                   name, e.kind, count(e.connections), count(e.connections_total), count(e.refused),
                    count(e.in_flight), human_size(count(e.size)), count(e.size));
     fmt::format_to(std::back_inserter(out), "  {:<14} {:>10} {:>14} {:>10} {:>10}\n", "COMMAND",
                    "REQUESTS", "BYTES", "P50", "P99");

@@ -43,6 +43,7 @@ assert v("imagenbd_export_bytes_total", command="read", **d) == 5 * 4096
 assert v("imagenbd_export_connections_total", **d) == 1
 assert v("imagenbd_export_size_bytes", **d) == 16 << 20
 assert v("imagenbd_export_size_bytes", export="other") == 1 << 20
+assert v("imagenbd_export_info", format="raw", read_only="false", **d) == 1
 assert v("imagenbd_export_requests_total", command="read", export="other") == 0
 assert v("imagenbd_exports") == 2
 assert v("imagenbd_connections_accepted_total") >= 1
@@ -123,7 +124,7 @@ EOF
 
 # --- 3. imagenbd stats --------------------------------------------------------------------
 "$IMAGENBD" stats --admin="$admin" | tee "$tmpdir/stats.txt"
-must_contain "$tmpdir/stats.txt" "^export 'disk': 0 connection\(s\) open \(2 since start, 0 refused\)"
+must_contain "$tmpdir/stats.txt" "^export 'disk' \(raw, read-write\): 0 connection\(s\) open \(2 since start, 0 refused\)"
 must_contain "$tmpdir/stats.txt" "^  write +3 +196608 +<?[0-9.]+ [mu]?s +<?[0-9.]+ [mu]?s$"
 must_contain "$tmpdir/stats.txt" "^  read +6 +20480 "
 must_contain "$tmpdir/stats.txt" "^  errors: EINVAL 1$"

@@ -109,6 +109,8 @@ TEST_CASE("every family has one HELP and one TYPE line, before its samples") {
   CHECK(types["imagenbd_remote_requests_total"] == "counter");
   CHECK(has_line(text, "imagenbd_exports 2"));
   CHECK(has_line(text, "imagenbd_export_size_bytes{export=\"b\"} 1048576"));
+  CHECK(
+      has_line(text, "imagenbd_export_info{export=\"b\",format=\"memory\",read_only=\"false\"} 1"));
   CHECK(text.find("imagenbd_build_info{version=\"") != std::string::npos);
 }
 
@@ -311,7 +313,8 @@ TEST_CASE("the stats table shows each export's connections, commands, latency an
   m.request_refused(Cmd::read, Errno::inval);
   const std::string table = stats_table(render_prometheus(ServerMetrics{}, registry));
   INFO(table);
-  CHECK(table.find("export 'disk': 1 connection(s) open (1 since start, 0 refused), 0 in "
+  CHECK(table.find("export 'disk' (memory, read-write): 1 connection(s) open (1 since start, 0 "
+                   "refused), 0 in "
                    "flight, 1 MiB (1048576 bytes)") != std::string::npos);
   CHECK(table.find("COMMAND") != std::string::npos);
   // write: 3 requests, 196608 bytes, all in (0.00025, 0.0005]: p50 at the middle.
