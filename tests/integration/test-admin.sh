@@ -185,7 +185,19 @@ elapsed_ms=$(( ($(date +%s%N) - start) / 1000000 ))
 wait "$clients"
 [ -s "$sockdir/admin.sock.slow-done" ] || fail "the slow client did not run"
 
+# An admin connection left open does not hold up the stop (stop_imagenbd allows 10 s; the
+# client would hold it for 30). A simple command, not py3: $! must be python itself.
+PATH=/usr/bin:$PATH python3 -c '
+import socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
+s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+s.recv(4096)
+time.sleep(30)' "$sockdir/admin.sock" &
+idle_client=$!
+cleanup_fn kill_quietly "$idle_client"
+sleep 0.5
 stop_imagenbd
+kill_quietly "$idle_client"
 [ -e "$sockdir/admin.sock" ] && fail "the admin socket file was left behind"
 
 # --- 5. TCP, refusals, stale socket -------------------------------------------------------
