@@ -38,6 +38,25 @@ def handle(sock, name="disk", messages=None):
     h.connect_unix(sock)
     return h
 
+def metric(admin, name, **labels):
+    """One sample of the admin endpoint's /metrics (admin: its Unix socket), or None."""
+    import http.client
+    class UnixHTTP(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(10)
+            self.sock.connect(admin)
+    c = UnixHTTP("localhost")
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
+    for line in text.splitlines():
+        key, _, value = line.rpartition(" ")
+        if key == (name + "{" + want + "}" if want else name):
+            return float(value)
+    return None
+
 def refused(sock, name="disk"):
     """The server's error text if connecting is refused, else None (the handle is closed)."""
     import nbd
@@ -58,11 +77,12 @@ lim_py ()
 }
 
 # --- --max-connections=2: the third is refused, a fourth after one left is served ---------
-start_imagenbd --max-connections=2 disk=memory:1M other=memory:2M
-lim_py - "$sock" <<'EOF'
+admin=$sockdir/admin.sock
+start_imagenbd --admin="unix:$admin" --max-connections=2 disk=memory:1M other=memory:2M
+lim_py - "$sock" "$admin" <<'EOF'
 import sys, time
 from limits import *
-sock = sys.argv[1]
+sock, admin = sys.argv[1], sys.argv[2]
 h1 = handle(sock)
 h2 = handle(sock)
 h1.pwrite(b"one", 0)
@@ -85,15 +105,25 @@ check(h2.pread(3, 0) == b"one", "existing connections keep working")
 h1.shutdown()
 # The server counts the connection closed once it has drained it: allow a moment.
 deadline = time.monotonic() + 5
+refusals = 2  # the libnbd client and the raw GO above (LIST counts nothing)
 while True:
     err = refused(sock)
     if err is None or time.monotonic() > deadline:
         break
+    refusals += 1
     time.sleep(0.1)
 check(err is None, "after one client left, a new one is served (last error %r)" % err)
 h4 = handle(sock)
 check(h4.pread(3, 0) == b"one", "the new client reads")
 check(refused(sock) is not None, "and the limit holds again with two connected")
+refusals += 1
+# Each refused connection counts once, however often it named the export.
+n = metric(admin, "imagenbd_export_connections_refused_total", export="disk")
+check(n == refusals, "imagenbd_export_connections_refused_total{export=disk} = %s, expected %d"
+      % (n, refusals))
+n = metric(admin, "imagenbd_export_connections_refused_total", export="other")
+check(n == 0, "no refusals counted for the other export (got %s)" % n)
+check(metric(admin, "imagenbd_export_connections", export="disk") == 2, "2 connections open")
 h4.shutdown()
 h2.shutdown()
 done()
@@ -103,11 +133,11 @@ must_contain "$imagenbd_log" "Unix socket client: access refused: export 'disk' 
 stop_imagenbd
 
 # --- -e/--shared=2: the whole server takes two clients ---------------------------------------
-start_imagenbd --shared=2 disk=memory:1M other=memory:1M
-lim_py - "$sock" <<'EOF'
+start_imagenbd --admin="unix:$admin" --shared=2 disk=memory:1M other=memory:1M
+lim_py - "$sock" "$admin" <<'EOF'
 import sys, time
 from limits import *
-sock = sys.argv[1]
+sock, admin = sys.argv[1], sys.argv[2]
 h1 = handle(sock, "disk")
 h2 = handle(sock, "other")
 # The third connection is accepted and closed at once, before the greeting.
@@ -124,6 +154,8 @@ while True:
         break
     time.sleep(0.1)
 check(err is None, "after one client left, a new one is served (last error %r)" % err)
+n = metric(admin, "imagenbd_connections_refused_total")
+check(n == 1, "imagenbd_connections_refused_total = %s, expected 1" % n)
 h2.shutdown()
 done()
 EOF
@@ -133,11 +165,11 @@ stop_imagenbd
 # --- --handshake-timeout=2: a silent client is dropped after 2 s, not before ---------------
 # Also the option-round limit: a client that sends NBD_OPT_LIST forever gets 1024 answers,
 # then the server hangs up and logs why.
-start_imagenbd --handshake-timeout=2 -x disk memory:1M
-lim_py - "$sock" <<'EOF'
+start_imagenbd --admin="unix:$admin" --handshake-timeout=2 -x disk memory:1M
+lim_py - "$sock" "$admin" <<'EOF'
 import struct, sys, time
 from limits import *
-sock = sys.argv[1]
+sock, admin = sys.argv[1], sys.argv[2]
 
 # Silent after connecting (not even the client flags).
 c = Conn(sock)
@@ -189,6 +221,10 @@ try:
 except (EOFError, ConnectionResetError):
     pass
 check(errors == 1024, "unknown-export INFO rounds before the hang-up: %d" % errors)
+n = metric(admin, "imagenbd_handshake_timeouts_total")
+check(n == 2, "imagenbd_handshake_timeouts_total = %s, expected 2" % n)
+n = metric(admin, "imagenbd_handshake_failures_total")
+check(n is not None and n >= 2, "imagenbd_handshake_failures_total = %s, at least the 2 cut off" % n)
 done()
 EOF
 must_contain "$imagenbd_log" "handshake not finished after 2000 ms, closing" "handshake timeout log"
@@ -197,12 +233,12 @@ must_contain "$imagenbd_log" "too many options \(limit 1024\)" "option-limit log
 stop_imagenbd
 
 # --- --idle-timeout=2: idle clients go, busy ones stay --------------------------------------
-start_imagenbd --idle-timeout=2 -x disk memory:32M
-lim_py - "$sock" <<'EOF'
+start_imagenbd --admin="unix:$admin" --idle-timeout=2 -x disk memory:32M
+lim_py - "$sock" "$admin" <<'EOF'
 import sys, time
 import nbd
 from limits import *
-sock = sys.argv[1]
+sock, admin = sys.argv[1], sys.argv[2]
 
 idle = handle(sock)
 busy = handle(sock)
@@ -251,6 +287,8 @@ try:
     check(True, "slow reader with replies pending kept its connection through 4 s")
 except (EOFError, ConnectionResetError, AssertionError) as e:
     check(False, "slow reader with replies pending was disconnected: %r" % e)
+n = metric(admin, "imagenbd_idle_timeouts_total")
+check(n == 2, "imagenbd_idle_timeouts_total = %s, expected 2 (the idle libnbd and raw clients)" % n)
 done()
 EOF
 must_contain "$imagenbd_log" "idle for 2 s, closing the connection" "idle timeout log"
