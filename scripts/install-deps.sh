@@ -4,9 +4,12 @@
 set -euo pipefail
 
 build_packages=(cmake ninja-build g++ ccache libboost-dev libfmt-dev doctest-dev
-  libcurl4-openssl-dev libssl-dev libpugixml-dev)
+  libcurl4-openssl-dev libssl-dev libpugixml-dev libtomlplusplus-dev)
 # The real NBD clients the tests drive, and the peers the benchmarks compare against.
-test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs libvhdi-utils)
+# openssl makes the test certificates, gnutls-bin's psktool the PSK files; systemd gives
+# systemd-analyze and systemd-socket-activate.
+test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs libvhdi-utils
+  openssl gnutls-bin systemd)
 # The kernel rig (tests/kernel) boots a Debian kernel (fetched with apt-get download) under
 # qemu; its initramfs takes busybox, nbd-client and mke2fs/e2fsck from the host.
 test_packages+=(qemu-system-x86 busybox-static nbd-client kmod util-linux)
