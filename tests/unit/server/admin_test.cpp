@@ -177,7 +177,7 @@ TEST_CASE("GET /health, 404 for unknown paths, 405 with Allow for wrong methods"
   CHECK(r.find("Allow: POST\r\n") != std::string::npos);
 }
 
-TEST_CASE("GET /metrics is Prometheus text; ?export= narrows it, an unknown export is 404") {
+TEST_CASE("GET /metrics is Prometheus text, ?export= narrows it, an unknown export is 404") {
   Fixture f;
   f.start();
   f.metrics.connections_total = 7;

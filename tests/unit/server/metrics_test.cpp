@@ -230,7 +230,7 @@ TEST_CASE("export names are escaped in labels") {
   CHECK(found);
 }
 
-TEST_CASE("only the exports asked for are rendered; server lines always") {
+TEST_CASE("only the exports asked for are rendered, server lines always") {
   ExportRegistry registry;
   registry.add(make_export("a"));
   registry.add(make_export("b"));
