@@ -19,6 +19,8 @@
 #include <string_view>
 #include <vector>
 
+#include "tests/unit/support/handshake_bytes.hpp"
+
 namespace {
 
 using imagenbd::protocol::ExportCatalog;
@@ -26,81 +28,18 @@ using imagenbd::protocol::ExportInfo;
 using imagenbd::protocol::Handshake;
 using imagenbd::protocol::HandshakeLimits;
 using State = Handshake::State;
-using Bytes = std::vector<std::byte>;
-
-// Spec numbers (protocol.md §1-§6), spelled out independently of wire.hpp.
-namespace spec {
-constexpr uint64_t nbdmagic = 0x4e42444d41474943;
-constexpr uint64_t ihaveopt = 0x49484156454F5054;
-constexpr uint64_t option_reply_magic = 0x0003e889045565a9;
-
-constexpr uint32_t c_fixed_newstyle = 0x1;
-constexpr uint32_t c_no_zeroes = 0x2;
-
-constexpr uint32_t opt_export_name = 1;
-constexpr uint32_t opt_abort = 2;
-constexpr uint32_t opt_list = 3;
-constexpr uint32_t opt_peek_export = 4;
-constexpr uint32_t opt_starttls = 5;
-constexpr uint32_t opt_info = 6;
-constexpr uint32_t opt_go = 7;
-constexpr uint32_t opt_structured_reply = 8;
-constexpr uint32_t opt_list_meta_context = 9;
-constexpr uint32_t opt_set_meta_context = 10;
-constexpr uint32_t opt_extended_headers = 11;
-
-constexpr uint32_t rep_ack = 1;
-constexpr uint32_t rep_server = 2;
-constexpr uint32_t rep_info = 3;
-constexpr uint32_t rep_meta_context = 4;
-constexpr uint32_t rep_err_unsup = 0x80000001;
-constexpr uint32_t rep_err_policy = 0x80000002;
-constexpr uint32_t rep_err_invalid = 0x80000003;
-constexpr uint32_t rep_err_unknown = 0x80000006;
-constexpr uint32_t rep_err_shutdown = 0x80000007;
-constexpr uint32_t rep_err_too_big = 0x80000009;
-
-constexpr uint16_t info_export = 0;
-constexpr uint16_t info_name = 1;
-constexpr uint16_t info_description = 2;
-constexpr uint16_t info_block_size = 3;
-}  // namespace spec
+using imagenbd::test::Build;
+using imagenbd::test::Bytes;
+using imagenbd::test::cat;
+using imagenbd::test::FakeCatalog;
+using imagenbd::test::info_request;
+using imagenbd::test::meta_request;
+using imagenbd::test::opt;
+namespace spec = imagenbd::test::spec;
 
 // ---------------------------------------------------------------------------------------
-// Byte building, big-endian by hand.
-
-class Build {
- public:
-  Build& u16(uint16_t v) { return be(v, 2); }
-  Build& u32(uint32_t v) { return be(v, 4); }
-  Build& u64(uint64_t v) { return be(v, 8); }
-  Build& str(std::string_view s) {
-    for (char c : s) bytes_.push_back(static_cast<std::byte>(c));
-    return *this;
-  }
-  Build& zeroes(std::size_t n) {
-    bytes_.resize(bytes_.size() + n, std::byte{0});
-    return *this;
-  }
-  Build& raw(const Bytes& b) {
-    bytes_.insert(bytes_.end(), b.begin(), b.end());
-    return *this;
-  }
-  operator Bytes() const { return bytes_; }  // NOLINT: implicit on purpose
-
- private:
-  Build& be(uint64_t v, int n) {
-    for (int i = n - 1; i >= 0; --i) bytes_.push_back(static_cast<std::byte>(v >> (8 * i)));
-    return *this;
-  }
-  Bytes bytes_;
-};
-
-Bytes cat(std::initializer_list<Bytes> parts) {
-  Bytes all;
-  for (const auto& p : parts) all.insert(all.end(), p.begin(), p.end());
-  return all;
-}
+// Byte helpers beyond tests/unit/support/handshake_bytes.hpp (Build, cat, opt, the spec's
+// numbers).
 
 Bytes repeat(const Bytes& b, std::size_t times) {
   Bytes all;
@@ -127,29 +66,8 @@ Bytes client_flags(uint32_t flags) {
 Bytes opt_header(uint32_t option, uint32_t length, uint64_t magic = spec::ihaveopt) {
   return Build().u64(magic).u32(option).u32(length);
 }
-Bytes opt(uint32_t option, const Bytes& payload = {}) {
-  return Build()
-      .u64(spec::ihaveopt)
-      .u32(option)
-      .u32(static_cast<uint32_t>(payload.size()))
-      .raw(payload);
-}
 Bytes opt_text(uint32_t option, std::string_view text) {
   return opt(option, Build().str(text));
-}
-// INFO/GO payload: u32 name length + name + u16 n + n x u16 info type.
-Bytes info_request(std::string_view name, std::initializer_list<uint16_t> types) {
-  Build b;
-  b.u32(static_cast<uint32_t>(name.size())).str(name).u16(static_cast<uint16_t>(types.size()));
-  for (auto t : types) b.u16(t);
-  return b;
-}
-// Meta context payload: u32 name length + name + u32 n + n x (u32 length + query).
-Bytes meta_request(std::string_view name, std::initializer_list<std::string_view> queries) {
-  Build b;
-  b.u32(static_cast<uint32_t>(name.size())).str(name).u32(static_cast<uint32_t>(queries.size()));
-  for (auto q : queries) b.u32(static_cast<uint32_t>(q.size())).str(q);
-  return b;
 }
 
 // Server frames (§3, §5, §6).
@@ -206,22 +124,6 @@ constexpr uint16_t ro_flags = 0x0007;  // HAS_FLAGS READ_ONLY FLUSH
 constexpr uint16_t ro_flags_df = 0x0087;
 constexpr uint32_t max_payload = 32u << 20;
 const std::string long_name(4096, 'x');  // the longest legal export name
-
-class FakeCatalog final : public ExportCatalog {
- public:
-  explicit FakeCatalog(std::vector<ExportInfo> exports) : exports_(std::move(exports)) {}
-  std::optional<ExportInfo> lookup(std::string_view name) const override {
-    if (name.empty()) return exports_.front();
-    for (const auto& e : exports_) {
-      if (e.name == name) return e;
-    }
-    return std::nullopt;
-  }
-  std::vector<ExportInfo> list() const override { return exports_; }
-
- private:
-  std::vector<ExportInfo> exports_;
-};
 
 ExportInfo make_export(std::string name, std::string description, uint64_t size, uint16_t flags,
                        uint32_t block_min) {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "protocol/handshake.hpp"
+#include "tests/unit/support/handshake_bytes.hpp"
 
 namespace {
 
@@ -20,78 +21,14 @@ using imagenbd::protocol::Handshake;
 using imagenbd::protocol::HandshakeLimits;
 using imagenbd::protocol::TlsMode;
 using State = Handshake::State;
-using Bytes = std::vector<std::byte>;
-
-namespace spec {
-constexpr uint64_t ihaveopt = 0x49484156454F5054;
-constexpr uint64_t option_reply_magic = 0x0003e889045565a9;
-constexpr uint32_t opt_export_name = 1;
-constexpr uint32_t opt_abort = 2;
-constexpr uint32_t opt_list = 3;
-constexpr uint32_t opt_starttls = 5;
-constexpr uint32_t opt_info = 6;
-constexpr uint32_t opt_go = 7;
-constexpr uint32_t opt_structured_reply = 8;
-constexpr uint32_t opt_list_meta_context = 9;
-constexpr uint32_t opt_set_meta_context = 10;
-constexpr uint32_t rep_ack = 1;
-constexpr uint32_t rep_server = 2;
-constexpr uint32_t rep_info = 3;
-constexpr uint32_t rep_meta_context = 4;
-constexpr uint32_t rep_err_unsup = 0x80000001;
-constexpr uint32_t rep_err_policy = 0x80000002;
-constexpr uint32_t rep_err_invalid = 0x80000003;
-constexpr uint32_t rep_err_tls_reqd = 0x80000005;
-constexpr uint32_t rep_err_shutdown = 0x80000007;
-constexpr uint16_t info_name = 1;
-constexpr uint16_t info_description = 2;
-constexpr uint16_t tx_send_df = 0x0080;
-}  // namespace spec
-
-class Build {
- public:
-  Build& u16(uint16_t v) { return be(v, 2); }
-  Build& u32(uint32_t v) { return be(v, 4); }
-  Build& u64(uint64_t v) { return be(v, 8); }
-  Build& str(std::string_view s) {
-    for (char c : s) bytes_.push_back(static_cast<std::byte>(c));
-    return *this;
-  }
-  operator Bytes() const { return bytes_; }  // NOLINT: implicit on purpose
-
- private:
-  Build& be(uint64_t v, int n) {
-    for (int i = n - 1; i >= 0; --i) bytes_.push_back(static_cast<std::byte>(v >> (8 * i)));
-    return *this;
-  }
-  Bytes bytes_;
-};
-
-Bytes cat(std::initializer_list<Bytes> parts) {
-  Bytes all;
-  for (const auto& p : parts) all.insert(all.end(), p.begin(), p.end());
-  return all;
-}
-
-Bytes opt(uint32_t option, const Bytes& payload = {}) {
-  return Build()
-      .u64(spec::ihaveopt)
-      .u32(option)
-      .u32(static_cast<uint32_t>(payload.size()))
-      .str(std::string_view(reinterpret_cast<const char*>(payload.data()), payload.size()));
-}
-Bytes info_request(std::string_view name, std::initializer_list<uint16_t> types = {}) {
-  Build b;
-  b.u32(static_cast<uint32_t>(name.size())).str(name).u16(static_cast<uint16_t>(types.size()));
-  for (auto t : types) b.u16(t);
-  return b;
-}
-Bytes meta_request(std::string_view name, std::initializer_list<std::string_view> queries) {
-  Build b;
-  b.u32(static_cast<uint32_t>(name.size())).str(name).u32(static_cast<uint32_t>(queries.size()));
-  for (auto q : queries) b.u32(static_cast<uint32_t>(q.size())).str(q);
-  return b;
-}
+using imagenbd::test::Build;
+using imagenbd::test::Bytes;
+using imagenbd::test::cat;
+using imagenbd::test::FakeCatalog;
+using imagenbd::test::info_request;
+using imagenbd::test::meta_request;
+using imagenbd::test::opt;
+namespace spec = imagenbd::test::spec;
 
 const Bytes fixed = Build().u32(0x3);  // FIXED_NEWSTYLE | NO_ZEROES
 const Bytes starttls = opt(spec::opt_starttls);
@@ -136,22 +73,6 @@ Kinds kinds(const std::vector<Reply>& replies) {
   for (const auto& r : replies) k.emplace_back(r.option, r.type);
   return k;
 }
-
-class FakeCatalog final : public ExportCatalog {
- public:
-  explicit FakeCatalog(std::vector<ExportInfo> exports) : exports_(std::move(exports)) {}
-  std::optional<ExportInfo> lookup(std::string_view name) const override {
-    if (name.empty()) return exports_.front();
-    for (const auto& e : exports_) {
-      if (e.name == name) return e;
-    }
-    return std::nullopt;
-  }
-  std::vector<ExportInfo> list() const override { return exports_; }
-
- private:
-  std::vector<ExportInfo> exports_;
-};
 
 // Names, descriptions and sizes chosen so that any of them in a plaintext reply is easy
 // to spot: the size's bytes spell "SECRETSZ".
