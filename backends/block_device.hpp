@@ -107,6 +107,11 @@ class BlockDevice {
   // The default resizes, then writes. Same concurrency rules as resize().
   virtual asio::awaitable<void> grow(uint64_t new_size, std::span<const std::byte> tail);
 
+  // What identifies this version of the bytes a leaf serves, for caches that must notice a
+  // changed remote object: an ETag, a Last-Modified date, a blob snapshot id. "" means
+  // unknown (a cache then trusts only size and name). Formats do not forward it.
+  virtual std::string version_tag() const { return {}; }
+
   // Gives back what the device holds outside this process (a blob lease) at a clean stop,
   // after the last flush; no I/O follows. Called on the leaf by whoever opened it (an
   // export), not forwarded by formats. The default has nothing to give back.
