@@ -74,6 +74,32 @@ bool holds_lease(const Export& e) {
   return e.leaf && e.leaf->name() == "azure" && e.leaf->caps().writable;
 }
 
+// An export that will still write to its local image after this reload, whatever the
+// reload does: a running one with clients connected, or a retired one still in use.
+// Opening the same image again beside it would make two independent writable stacks, each
+// with its own view of the image's metadata (a VHD's block table and end of file, a VDI's
+// block map): they would allocate the same blocks and overwrite each other's tables. Raw
+// images keep no such state; memory: images are never shared; a blob's lease guards
+// Azure (above).
+std::shared_ptr<const Export> local_writer_of(const ExportRegistry& current,
+                                              const ExportSpec& spec) {
+  const auto writes = [&](const Export& e) {
+    return e.spec.image == spec.image && e.leaf && e.leaf->name() == "file" &&
+           e.device->caps().writable && e.device->name() != "raw";
+  };
+  for (const auto& e : current.all()) {
+    if (!(e->spec == spec) && writes(*e) &&
+        e->metrics->connections.load(std::memory_order_relaxed) > 0) {
+      return e;
+    }
+  }
+  std::lock_guard lock(retired_mutex);
+  for (const auto& e : retired) {
+    if (writes(*e)) return e;  // still in use: sweep_retired() closed the others
+  }
+  return nullptr;
+}
+
 bool same_listen(const ListenSpec& a, const ListenSpec& b) {
   return a.bind_addresses == b.bind_addresses && a.port == b.port && a.tcp == b.tcp &&
          a.unix_paths == b.unix_paths;
@@ -132,6 +158,15 @@ std::string reload_config(Server& server, const ServeCommand& cmd) {
           "for its connected clients; to change it, remove the export and reload, then add it "
           "back and reload again once its clients have left (or restart imagenbd)",
           spec.name));
+    }
+    if (old && old->spec == spec) continue;  // kept as it is
+    if (auto writer = local_writer_of(*current, spec)) {
+      throw ConfigError(fmt::format(
+          "export '{}': {} is still written by the clients of the running export '{}'; "
+          "opening it a second time now would give the image two writers that corrupt its "
+          "block table; reload again once those clients have disconnected (or restart "
+          "imagenbd)",
+          spec.name, spec.image, writer->name));
     }
   }
 
