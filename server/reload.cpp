@@ -219,11 +219,10 @@ std::string reload_config(Server& server, const ServeCommand& cmd) {
   current.reset();
 
   // The log level applies at once (the other [server] settings wait for a restart).
-  const log::Settings& l = fresh.log;
-  if (l.level != cmd.log.level || l.control_debug != cmd.log.control_debug ||
-      l.data_debug != cmd.log.data_debug) {
-    log::configure(l);
-  }
+  // Always set, not only when it differs from the start: `cmd` is the configuration the
+  // server started with, so a level changed by one reload and changed back by the next
+  // would otherwise stay at the first reload's.
+  log::configure(fresh.log);
   // Retired exports whose last client left already (or that never had one) close now.
   if (const std::size_t busy = sweep_retired(false)) {
     log::info(
