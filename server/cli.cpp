@@ -204,6 +204,12 @@ ServeCommand parse_serve(int argc, char** argv) {
   int verbosity = 0;
   AccessRules access;
   bool tls_mode_given = false;
+  // Flags that describe the images on the command line (the first one given, for the
+  // error when there are none).
+  std::string per_image_flag;
+  const auto per_image = [&](std::string_view flag) {
+    if (per_image_flag.empty()) per_image_flag = flag;
+  };
 
   ::optind = 0;  // full reset: parse_serve may be called more than once (tests)
   ::opterr = 0;
@@ -227,15 +233,19 @@ ServeCommand parse_serve(int argc, char** argv) {
       case 't':
         break;
       case 'x':
+        per_image("--export-name");
         export_name = arg;
         break;
       case 'D':
+        per_image("--description");
         description = arg;
         break;
       case 'r':
+        per_image("--read-only");
         read_only = true;
         break;
       case 'f':
+        per_image("--format");
         try {
           format = formats::parse_format(arg);
         } catch (const std::invalid_argument& e) {
@@ -243,10 +253,12 @@ ServeCommand parse_serve(int argc, char** argv) {
         }
         break;
       case opt_parent:
+        per_image("--parent");
         if (arg.empty()) throw UsageError("--parent needs a file name");
         parent = arg;
         break;
       case opt_vhd_size:
+        per_image("--vhd-size");
         if (arg == "auto") {
           vhd_size = formats::vhd::SizePolicy::automatic;
         } else if (arg == "current_size") {
@@ -258,12 +270,15 @@ ServeCommand parse_serve(int argc, char** argv) {
         }
         break;
       case opt_snapshot:
+        per_image("--snapshot");
         snapshot = arg.empty() ? "new" : arg;
         break;
       case opt_force:
+        per_image("--force");
         force = true;
         break;
       case opt_lease_duration:
+        per_image("--lease-duration");
         lease_duration = static_cast<int>(parse_number(arg, "--lease-duration", 60));
         if (lease_duration < 15) {
           throw UsageError("invalid value '" + arg +
@@ -271,6 +286,7 @@ ServeCommand parse_serve(int argc, char** argv) {
         }
         break;
       case opt_retry_deadline:
+        per_image("--retry-deadline");
         retry_deadline = static_cast<int>(parse_number(arg, "--retry-deadline", 86400));
         break;
       case opt_threads:
@@ -308,6 +324,7 @@ ServeCommand parse_serve(int argc, char** argv) {
         cmd.server.tls.verify_peer = true;
         break;
       case opt_allow: {
+        per_image("--allow");
         std::string_view list = arg;
         while (!list.empty()) {
           auto comma = list.find(',');
@@ -321,10 +338,12 @@ ServeCommand parse_serve(int argc, char** argv) {
         break;
       }
       case opt_allow_identity:
+        per_image("--allow-identity");
         if (arg.empty()) throw UsageError("--allow-identity needs a name");
         access.tls_identities.push_back(arg);
         break;
       case opt_max_connections:
+        per_image("--max-connections");
         access.max_connections = parse_number(arg, "--max-connections", 1u << 20);
         break;
       case opt_idle_timeout:
@@ -403,7 +422,16 @@ ServeCommand parse_serve(int argc, char** argv) {
 
   std::vector<std::string> images(argv + optind, argv + argc);
   // With --config the exports come from the file; images on the command line are added.
-  if (images.empty() && !cmd.config_file.empty()) return cmd;
+  if (images.empty() && !cmd.config_file.empty()) {
+    // Per-image flags would silently apply to nothing: an --allow or --read-only that
+    // protects nothing is worse than an error.
+    if (!per_image_flag.empty()) {
+      throw UsageError(per_image_flag +
+                       " applies to the images given on the command line, and there are "
+                       "none: with --config, set it in the file's [[export]] tables");
+    }
+    return cmd;
+  }
   if (images.empty()) throw UsageError("no image given: imagenbd serve [OPTIONS] [NAME=]IMAGE...");
   if (!parent.empty() && images.size() > 1) {
     throw UsageError("--parent applies to a single image; serve the others separately");
