@@ -303,6 +303,7 @@ ServeCommand parse_serve(int argc, char** argv) {
             std::chrono::seconds(parse_number(arg, "--handshake-timeout", 86400));
         break;
       case opt_tls:
+        cmd.tls_flags_given = true;
         if (arg == "off") {
           cmd.server.tls.mode = protocol::TlsMode::off;
         } else if (arg == "on") {
@@ -315,12 +316,15 @@ ServeCommand parse_serve(int argc, char** argv) {
         tls_mode_given = true;
         break;
       case opt_tls_certificates:
+        cmd.tls_flags_given = true;
         cmd.server.tls.certificates_dir = arg;
         break;
       case opt_tls_psk:
+        cmd.tls_flags_given = true;
         cmd.server.tls.psk_file = arg;
         break;
       case opt_tls_verify_peer:
+        cmd.tls_flags_given = true;
         cmd.server.tls.verify_peer = true;
         break;
       case opt_allow: {
@@ -416,7 +420,9 @@ ServeCommand parse_serve(int argc, char** argv) {
   if (cmd.server.tls.verify_peer && cmd.server.tls.certificates_dir.empty()) {
     throw UsageError("--tls-verify-peer needs --tls-certificates=DIR (with DIR/ca-cert.pem)");
   }
-  if (!access.tls_identities.empty() && cmd.server.tls.mode == protocol::TlsMode::off) {
+  // With --config, TLS may come from the file: apply_config_file checks after merging.
+  if (!access.tls_identities.empty() && cmd.server.tls.mode == protocol::TlsMode::off &&
+      cmd.config_file.empty()) {
     throw UsageError("--allow-identity needs TLS (--tls=on or require, with credentials)");
   }
 

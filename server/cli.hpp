@@ -25,6 +25,9 @@ struct ServeCommand {
   log::Settings log;
   unsigned blocking_threads = 0;  // 0: default
   std::string config_file;        // --config
+  // Some --tls* flag was given: the command line's TLS settings then win over the config
+  // file's [tls] as a whole (even --tls=off, which equals the default).
+  bool tls_flags_given = false;
   // Set by apply_config_file: the command line as parsed, before the file was merged in;
   // a reload merges the re-read file into it again.
   std::shared_ptr<const ServeCommand> command_line;

@@ -535,7 +535,7 @@ void apply_config_file(ServeCommand& cmd) {
   if (f.pid_file && s.pid_file.empty()) s.pid_file = *f.pid_file;
   if (f.log && default_log(cmd.log)) cmd.log = *f.log;
   if (f.admin && s.admin.listen.empty()) s.admin.listen = *f.admin;
-  if (f.tls && s.tls == TlsSettings{}) s.tls = *f.tls;
+  if (f.tls && !cmd.tls_flags_given) s.tls = *f.tls;
 
   // The file's exports first: its first one is the default export.
   std::vector<ExportSpec> exports = std::move(f.exports);
