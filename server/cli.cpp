@@ -301,6 +301,10 @@ ServeCommand parse_serve(int argc, char** argv) {
       case opt_handshake_timeout:
         cmd.server.session.handshake_timeout =
             std::chrono::seconds(parse_number(arg, "--handshake-timeout", 86400));
+        // 0 would not mean "never": the deadline would pass at once and drop every client.
+        if (cmd.server.session.handshake_timeout.count() == 0) {
+          throw UsageError("invalid value '0' for --handshake-timeout (expected 1 to 86400)");
+        }
         break;
       case opt_tls:
         cmd.tls_flags_given = true;

@@ -271,7 +271,8 @@ void parse_server(const Context& ctx, const toml::table& table, FileSettings& ou
     out.blocking_threads = static_cast<unsigned>(*v);
   if (auto v = s.integer("max-connections", 0, 1 << 20))
     out.max_clients = static_cast<unsigned>(*v);
-  if (auto v = s.integer("handshake-timeout", 0, 86400))
+  // 0 would not mean "never": the deadline would pass at once and drop every client.
+  if (auto v = s.integer("handshake-timeout", 1, 86400))
     out.handshake_timeout = std::chrono::seconds(*v);
   if (auto v = s.integer("idle-timeout", 0, 86400 * 7)) out.idle_timeout = std::chrono::seconds(*v);
   if (auto v = s.string("pid-file")) out.pid_file = resolve(ctx, *v);
