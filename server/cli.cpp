@@ -429,6 +429,14 @@ ServeCommand parse_serve(int argc, char** argv) {
       cmd.config_file.empty()) {
     throw UsageError("--allow-identity needs TLS (--tls=on or require, with credentials)");
   }
+  // Without --tls-verify-peer no client certificate is asked for, so no X.509 client has
+  // an identity and the list would refuse everyone.
+  if (!access.tls_identities.empty() && !cmd.server.tls.certificates_dir.empty() &&
+      !cmd.server.tls.verify_peer) {
+    throw UsageError(
+        "--allow-identity with --tls-certificates needs --tls-verify-peer (without it "
+        "clients send no certificate, so none has an identity)");
+  }
 
   std::vector<std::string> images(argv + optind, argv + argc);
   // With --config the exports come from the file; images on the command line are added.

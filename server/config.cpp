@@ -564,6 +564,16 @@ void apply_config_file(ServeCommand& cmd) {
           "with certificates or psk-file)",
           place, exports[i].name));
     }
+    // Without verify-peer no client certificate is asked for: nobody would match.
+    if (!exports[i].access.tls_identities.empty() && !s.tls.certificates_dir.empty() &&
+        !s.tls.verify_peer) {
+      const std::string place =
+          i < f.export_places.size() ? f.export_places[i] : std::string("the command line");
+      throw ConfigError(fmt::format(
+          "{}: export '{}': allow-identities with X.509 certificates needs [tls] verify-peer = "
+          "true (without it clients send no certificate, so none has an identity)",
+          place, exports[i].name));
+    }
   }
   cmd.exports = std::move(exports);
   cmd.command_line = std::move(command_line);
