@@ -22,6 +22,8 @@
 #include <fmt/format.h>
 #include <toml++/toml.h>
 
+#include "server/admin.hpp"
+
 namespace imagenbd::server {
 
 namespace {
@@ -296,6 +298,20 @@ void parse_admin(const Context& ctx, const toml::table& table, FileSettings& out
   const Section s(ctx, table, "[admin]", admin_keys);
   if (auto v = s.string("listen")) {
     out.admin = v->starts_with("unix:") ? "unix:" + resolve(ctx, v->substr(5)) : *v;
+    // Checked here as the server checks it, so check-config does not pass a file that
+    // serve refuses at start.
+    AdminAddress where;
+    try {
+      where = parse_admin_address(*out.admin);
+    } catch (const std::invalid_argument& e) {
+      s.fail(*s.get("listen"), "listen", e.what());
+    }
+    if (!where.is_unix() && !where.address.is_loopback()) {
+      s.fail(*s.get("listen"), "listen",
+             "'" + *v +
+                 "' is not a loopback address; the admin endpoint has no authentication "
+                 "(use unix:PATH, 127.0.0.1:PORT or [::1]:PORT)");
+    }
   }
 }
 
