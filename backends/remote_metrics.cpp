@@ -5,6 +5,7 @@ namespace imagenbd::backends {
 namespace {
 
 std::array<RemoteCounters, remote_kind_count> counters;
+CacheCounters cache;
 
 }  // namespace
 
@@ -20,6 +21,10 @@ std::string_view remote_kind_name(RemoteKind kind) {
 
 RemoteCounters& remote_counters(RemoteKind kind) {
   return counters[static_cast<std::size_t>(kind)];
+}
+
+CacheCounters& cache_counters() {
+  return cache;
 }
 
 }  // namespace imagenbd::backends

@@ -39,4 +39,16 @@ std::string_view remote_kind_name(RemoteKind kind);
 // The counters of one kind of remote storage; lives as long as the process.
 RemoteCounters& remote_counters(RemoteKind kind);
 
+// The persistent cache filter (backends/cache), summed over every cache in the process.
+// Counted in chunks (a read of 3 missing chunks is 3 misses) except bytes_fetched.
+struct CacheCounters {
+  std::atomic<uint64_t> hits{0};           // chunks a read served from the local file
+  std::atomic<uint64_t> misses{0};         // chunks a read had to wait for the remote
+  std::atomic<uint64_t> evictions{0};      // chunks evicted (holes punched) for the size cap
+  std::atomic<uint64_t> bytes_fetched{0};  // bytes the caches read from their remotes
+};
+
+// The process's cache counters; live as long as the process.
+CacheCounters& cache_counters();
+
 }  // namespace imagenbd::backends

@@ -1,0 +1,657 @@
+// The cache filter (see cache.hpp). Concurrency without a global lock on the data path:
+// - present/access bits are atomics (backends/cache_map.hpp); a hit checks its bit and
+//   preads the chunk under its shard's shared lock, so eviction (the shard's exclusive lock)
+//   never punches a chunk while it is being read;
+// - an in-flight table per shard (64 shards by chunk index) makes concurrent misses on one
+//   chunk fetch it once: the first reader claims the chunk, later readers wait for it; a
+//   failed fetch wakes them with the error and leaves the chunk absent;
+// - eviction claims its victims in the same table, so a chunk is never refetched while its
+//   hole is being punched.
+// Crash safety: data is pwritten before its bit is set; a save snapshots the bits, then
+// fdatasyncs the data file, then replaces PATH.meta (write, fsync, rename), so the saved
+// bitmap never names a chunk whose data is not on disk; eviction saves the cleared bits
+// before it punches holes. A crash loses at most the bits set since the last save.
+// GCC 12: every offload() awaitable is named before co_await; a temporary lambda holding a
+// shared_ptr inside the co_await expression would be destroyed twice.
+// Limits: local I/O is synchronous inside offload(); a coroutine destroyed while holding a
+// claim (io_context stopped mid-fetch) leaves its waiters waiting.
+#include "backends/cache.hpp"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cassert>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include "backends/cache_map.hpp"
+#include "backends/error.hpp"
+#include "backends/log.hpp"
+#include "backends/offload.hpp"
+#include "backends/remote_metrics.hpp"
+
+namespace imagenbd::backends {
+
+namespace {
+
+constexpr auto relaxed = std::memory_order_relaxed;
+constexpr std::size_t shard_count = 64;
+
+std::string errno_text(int e) {
+  return std::generic_category().message(e);
+}
+
+// One fetch (or eviction) of a chunk in progress; others wait on it. Waiters resume on
+// their own executors with the outcome (an exception_ptr, null on success).
+class Pending {
+ public:
+  asio::awaitable<void> wait() {
+    return asio::async_initiate<const asio::use_awaitable_t<>&, void(std::exception_ptr)>(
+        [this](auto handler) {
+          std::unique_lock lock(mutex_);
+          if (done_) {
+            auto e = error_;
+            lock.unlock();
+            auto ex = asio::get_associated_executor(handler);
+            asio::post(ex, [h = std::move(handler), e]() mutable { std::move(h)(e); });
+            return;
+          }
+          waiters_.push_back(std::make_unique<Waiter<decltype(handler)>>(std::move(handler)));
+        },
+        asio::use_awaitable);
+  }
+
+  void complete(std::exception_ptr error) {
+    std::unique_lock lock(mutex_);
+    done_ = true;
+    error_ = error;
+    auto waiters = std::move(waiters_);
+    lock.unlock();
+    for (auto& w : waiters) w->resume(error);
+  }
+
+ private:
+  struct WaiterBase {
+    virtual ~WaiterBase() = default;
+    virtual void resume(std::exception_ptr e) = 0;
+  };
+  template <typename Handler>
+  struct Waiter final : WaiterBase {
+    explicit Waiter(Handler h) : handler(std::move(h)) {}
+    void resume(std::exception_ptr e) override {
+      auto ex = asio::get_associated_executor(handler);
+      asio::post(ex, [h = std::move(handler), e]() mutable { std::move(h)(e); });
+    }
+    Handler handler;
+  };
+
+  std::mutex mutex_;
+  bool done_ = false;
+  std::exception_ptr error_;
+  std::vector<std::unique_ptr<WaiterBase>> waiters_;
+};
+
+struct Shard {
+  std::shared_mutex mutex;  // shared: a hit's pread; exclusive: claims and evictions
+  std::unordered_map<uint64_t, std::shared_ptr<Pending>> pending;
+};
+
+class Cache;
+
+// The process-wide registry: cache path -> the live cache object.
+std::mutex registry_mutex;
+std::map<std::string, std::weak_ptr<Cache>>& registry() {
+  static std::map<std::string, std::weak_ptr<Cache>> r;
+  return r;
+}
+
+class Cache final : public BlockDevice, public std::enable_shared_from_this<Cache> {
+ public:
+  Cache(DevicePtr remote, const CacheOptions& o, CacheIdentity id, int fd)
+      : remote_(std::move(remote)),
+        options_(o),
+        path_(o.path),
+        meta_path_(o.path + ".meta"),
+        id_(std::move(id)),
+        fd_(fd),
+        chunk_(id_.chunk_size),
+        map_((id_.size + chunk_ - 1) / chunk_),
+        shards_(shard_count),
+        max_bytes_(o.max_bytes ? o.max_bytes : id_.size),
+        max_fetch_(std::max<uint64_t>(o.max_fetch, chunk_)),
+        last_save_(std::chrono::steady_clock::now()) {
+    caps_ = remote_->caps();
+    caps_.writable = caps_.fua = caps_.trim = caps_.zero = caps_.fast_zero = false;
+    caps_.flush = false;
+    caps_.cache = true;
+  }
+
+  ~Cache() override {
+    try {
+      if (dirty_.load(relaxed)) save_blocking();
+    } catch (const std::exception& e) {
+      log::warn("cache: {}: could not save the bitmap at exit: {}", path_, e.what());
+    }
+    ::close(fd_);  // also drops the flock
+  }
+
+  const CacheIdentity& identity() const { return id_; }
+  const std::string& path() const { return path_; }
+
+  // Loads PATH.meta if it matches; otherwise discards the local file's contents.
+  void load() {
+    std::string why;
+    std::vector<std::byte> bytes;
+    const int mfd = ::open(meta_path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (mfd < 0) {
+      if (errno != ENOENT) why = fmt::format("cannot open {}: {}", meta_path_, errno_text(errno));
+    } else {
+      struct stat st {};
+      if (::fstat(mfd, &st) == 0 && st.st_size < (64 << 20)) {
+        bytes.resize(static_cast<std::size_t>(st.st_size));
+        if (::pread(mfd, bytes.data(), bytes.size(), 0) != static_cast<ssize_t>(bytes.size()))
+          why = fmt::format("cannot read {}", meta_path_);
+      } else {
+        why = fmt::format("{} is too big or unreadable", meta_path_);
+      }
+      ::close(mfd);
+      if (why.empty()) {
+        auto d = decode_cache_meta(bytes);
+        if (!d.ok) {
+          why = fmt::format("metadata {} is damaged: {}", meta_path_, d.problem);
+        } else if (auto change = identity_change(d.identity, id_); !change.empty()) {
+          why = change;
+        } else if (d.words.size() != map_.word_count()) {
+          why = fmt::format("metadata {} has {} bitmap words, expected {}", meta_path_,
+                            d.words.size(), map_.word_count());
+        } else {
+          map_.load(d.words);
+        }
+      }
+    }
+    if (!why.empty() || bytes.empty()) {
+      if (!why.empty()) log::info("cache: {}: discarding the cache: {}", path_, why);
+      discard();
+    }
+    cached_chunks_.store(map_.count_present(), relaxed);
+    log::debug("cache: {}: over {}, {} of {} chunks of {} bytes present", path_, id_.describe,
+               cached_chunks_.load(), map_.chunks(), chunk_);
+  }
+
+  std::string_view name() const override { return "cache"; }
+  std::string describe() const override { return remote_->describe(); }
+  uint64_t size() const override { return id_.size; }
+  Caps caps() const override { return caps_; }
+  std::string version_tag() const override { return remote_->version_tag(); }
+
+  asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out) override {
+    assert(offset + out.size() <= size());
+    if (out.empty()) co_return;
+    std::vector<uint64_t> todo;
+    for (uint64_t c = offset / chunk_; c <= (offset + out.size() - 1) / chunk_; ++c)
+      todo.push_back(c);
+    bool first_pass = true;
+    while (!todo.empty()) {
+      // Hits: chunks whose bit is set, read from the local file.
+      std::vector<uint64_t> hits;
+      for (auto c : todo)
+        if (map_.present(c)) hits.push_back(c);
+      if (!hits.empty()) {
+        auto op = offload([this, &hits, offset, out] {
+          std::vector<uint64_t> done;
+          for (auto c : hits)
+            if (read_local(c, offset, out)) done.push_back(c);
+          return done;
+        });
+        auto served = co_await std::move(op);
+        if (first_pass) cache_counters().hits.fetch_add(served.size(), relaxed);
+        std::erase_if(
+            todo, [&](uint64_t c) { return std::binary_search(served.begin(), served.end(), c); });
+      }
+      first_pass = false;
+      if (todo.empty()) break;
+      // Misses: claim what nobody fetches yet, wait for the rest.
+      std::vector<uint64_t> claimed;
+      std::vector<std::shared_ptr<Pending>> waits;
+      for (auto c : todo) {
+        auto [mine, pending] = claim(c);
+        if (mine)
+          claimed.push_back(c);
+        else if (pending)
+          waits.push_back(std::move(pending));
+      }
+      cache_counters().misses.fetch_add(claimed.size() + waits.size(), relaxed);
+      co_await fetch_claimed(claimed, offset, out);
+      std::erase_if(
+          todo, [&](uint64_t c) { return std::binary_search(claimed.begin(), claimed.end(), c); });
+      // Then the chunks others fetched: read from the local file on the next pass (or
+      // claimed again if the fetch could not be stored, or the chunk was evicted since).
+      for (auto& p : waits) co_await p->wait();
+    }
+  }
+
+  asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in, WriteFlags) override {
+    refuse("write", offset, in.size());
+    co_return;
+  }
+  asio::awaitable<void> trim(uint64_t offset, uint64_t length, WriteFlags) override {
+    refuse("trim", offset, length);
+    co_return;
+  }
+  asio::awaitable<void> zero(uint64_t offset, uint64_t length, WriteFlags) override {
+    refuse("zero", offset, length);
+    co_return;
+  }
+
+  // Saves the bitmap: what the cache fetched so far survives a restart.
+  asio::awaitable<void> flush() override {
+    auto self = shared_from_this();
+    auto op = offload([self] { self->save_blocking(); });
+    co_await std::move(op);
+  }
+
+  asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) override {
+    co_return co_await remote_->extents(offset, length);
+  }
+
+  // Starts a background fetch of the missing chunks of the range and returns at once. At
+  // most prefetch_width run at a time; a hint beyond that is dropped.
+  asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
+    if (length == 0 || offset >= size()) co_return;
+    if (prefetching_.fetch_add(1, relaxed) >= options_.prefetch_width) {
+      prefetching_.fetch_sub(1, relaxed);
+      co_return;
+    }
+    auto self = shared_from_this();
+    auto ex = co_await asio::this_coro::executor;
+    // The coroutine gets its own reference: the caller may drop the cache before it ends.
+    asio::co_spawn(ex, background_fetch(self, offset, std::min(length, size() - offset)),
+                   asio::detached);
+  }
+
+  asio::awaitable<void> close() override { co_await flush(); }
+
+ private:
+  uint64_t chunk_start(uint64_t c) const { return c * chunk_; }
+  uint64_t chunk_end(uint64_t c) const { return std::min(size(), (c + 1) * chunk_); }
+  Shard& shard(uint64_t c) { return shards_[c % shard_count]; }
+
+  [[noreturn]] void refuse(const char* what, uint64_t offset, uint64_t length) {
+    fail(std::errc::operation_not_permitted,
+         "cache: {}: {} of {}+{} refused: the cache is read-only (put a cow overlay above it)",
+         path_, what, offset, length);
+  }
+
+  // Copies the part of chunk c inside [offset, offset + out.size()) from the local file,
+  // under the shard's shared lock; false if the chunk is no longer present. Blocking.
+  bool read_local(uint64_t c, uint64_t offset, std::span<std::byte> out) {
+    const uint64_t from = std::max(offset, chunk_start(c));
+    const uint64_t to = std::min(offset + out.size(), chunk_end(c));
+    std::shared_lock lock(shard(c).mutex);
+    if (!map_.present(c)) return false;
+    map_.touch(c);
+    pread_all(out.data() + (from - offset), to - from, from);
+    return true;
+  }
+
+  void pread_all(std::byte* p, uint64_t n, uint64_t at) {
+    while (n > 0) {
+      const ssize_t got = ::pread(fd_, p, n, static_cast<off_t>(at));
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) fail_errno(errno, fmt::format("cache: {}: read at {}", path_, at));
+      if (got == 0)
+        fail(std::errc::io_error, "cache: {}: short read at {} (the cache file was truncated?)",
+             path_, at);
+      p += got;
+      n -= static_cast<uint64_t>(got);
+      at += static_cast<uint64_t>(got);
+    }
+  }
+
+  void pwrite_all(const std::byte* p, uint64_t n, uint64_t at) {
+    while (n > 0) {
+      const ssize_t put = ::pwrite(fd_, p, n, static_cast<off_t>(at));
+      if (put < 0 && errno == EINTR) continue;
+      if (put < 0) fail_errno(errno, fmt::format("cache: {}: write at {}", path_, at));
+      p += put;
+      n -= static_cast<uint64_t>(put);
+      at += static_cast<uint64_t>(put);
+    }
+  }
+
+  // {true, null}: c is ours to fetch. {false, p}: someone fetches or evicts it, wait on p.
+  // {false, null}: it became present meanwhile (read it on the next pass).
+  std::pair<bool, std::shared_ptr<Pending>> claim(uint64_t c) {
+    auto& s = shard(c);
+    std::unique_lock lock(s.mutex);
+    if (auto it = s.pending.find(c); it != s.pending.end()) return {false, it->second};
+    if (map_.present(c)) return {false, nullptr};
+    s.pending.emplace(c, std::make_shared<Pending>());
+    return {true, nullptr};
+  }
+
+  void release(uint64_t c, std::exception_ptr error) {
+    std::shared_ptr<Pending> p;
+    {
+      auto& s = shard(c);
+      std::unique_lock lock(s.mutex);
+      auto it = s.pending.find(c);
+      assert(it != s.pending.end());
+      p = std::move(it->second);
+      s.pending.erase(it);
+    }
+    p->complete(error);
+  }
+
+  // Fetches the claimed chunks (sorted) in runs of adjacent chunks up to max_fetch bytes,
+  // copying what falls inside [offset, offset + out.size()) to out. Releases every claim,
+  // with the error if a fetch fails (then rethrown).
+  asio::awaitable<void> fetch_claimed(const std::vector<uint64_t>& claimed, uint64_t offset,
+                                      std::span<std::byte> out) {
+    std::size_t i = 0;
+    try {
+      while (i < claimed.size()) {
+        std::size_t n = 1;
+        while (i + n < claimed.size() && claimed[i + n] == claimed[i] + n &&
+               (n + 1) * chunk_ <= max_fetch_)
+          ++n;
+        co_await fetch_run(claimed[i], n, offset, out);
+        i += n;
+      }
+    } catch (...) {
+      auto e = std::current_exception();
+      for (; i < claimed.size(); ++i) release(claimed[i], e);
+      std::rethrow_exception(e);
+    }
+  }
+
+  // One remote read of chunks [first, first + n), stored locally, bits set, claims released.
+  asio::awaitable<void> fetch_run(uint64_t first, uint64_t n, uint64_t offset,
+                                  std::span<std::byte> out) {
+    const uint64_t start = chunk_start(first);
+    const uint64_t end = chunk_end(first + n - 1);
+    std::vector<std::byte> buf(end - start);
+    const uint64_t piece = std::max<uint64_t>(caps_.block_max, 4096);
+    for (uint64_t pos = 0; pos < buf.size(); pos += piece) {
+      auto part = std::span<std::byte>(buf).subspan(pos, std::min(piece, buf.size() - pos));
+      co_await remote_->read(start + pos, part);
+    }
+    cache_counters().bytes_fetched.fetch_add(buf.size(), relaxed);
+    log::data("cache: {}: fetched {}+{} ({} chunks)", path_, start, buf.size(), n);
+    if (!out.empty()) {
+      const uint64_t from = std::max(start, offset);
+      const uint64_t to = std::min(end, offset + out.size());
+      if (from < to)
+        std::memcpy(out.data() + (from - offset), buf.data() + (from - start), to - from);
+    }
+    auto store = offload([this, &buf, start] {
+      try {
+        pwrite_all(buf.data(), buf.size(), start);
+        return true;
+      } catch (const std::exception& e) {
+        // The bytes are still served from memory; the chunk stays absent.
+        log::warn("cache: {}: {}", path_, e.what());
+        return false;
+      }
+    });
+    const bool stored = co_await std::move(store);
+    uint64_t added = 0;
+    for (uint64_t c = first; c < first + n; ++c) {
+      if (stored && map_.set_present(c)) ++added;
+      map_.touch(c);
+      release(c, nullptr);
+    }
+    cached_chunks_.fetch_add(added, relaxed);
+    const auto unsaved = unsaved_.fetch_add(added, relaxed) + added;
+    dirty_.store(true, relaxed);
+    if (unsaved >= options_.save_every_chunks || save_due()) {
+      auto self = shared_from_this();
+      auto op = offload([self] {
+        try {
+          self->save_if_idle();
+        } catch (const std::exception& e) {
+          log::warn("cache: {}: could not save the bitmap: {}", self->path_, e.what());
+        }
+      });
+      co_await std::move(op);
+    }
+    co_await evict_if_needed();
+  }
+
+  bool save_due() const {
+    std::lock_guard lock(save_mutex_);
+    return std::chrono::steady_clock::now() - last_save_ >=
+           std::chrono::seconds(options_.save_every_seconds);
+  }
+
+  // The background half of prefetch(): claims and fetches whatever is missing and not in
+  // flight. Never throws (detached).
+  static asio::awaitable<void> background_fetch(std::shared_ptr<Cache> self, uint64_t offset,
+                                                uint64_t length) {
+    co_await self->fetch_missing(offset, length);
+    self->prefetching_.fetch_sub(1, relaxed);
+  }
+
+  asio::awaitable<void> fetch_missing(uint64_t offset, uint64_t length) {
+    try {
+      std::vector<uint64_t> claimed;
+      for (uint64_t c = offset / chunk_; c <= (offset + length - 1) / chunk_; ++c) {
+        if (map_.present(c)) continue;
+        if (claim(c).first) claimed.push_back(c);
+      }
+      const std::span<std::byte> nowhere;
+      co_await fetch_claimed(claimed, 0, nowhere);
+    } catch (const std::exception& e) {
+      log::debug("cache: {}: prefetch of {}+{} failed: {}", path_, offset, length, e.what());
+    }
+  }
+
+  // Evicts least-recently-used chunks (clock / second chance) until the cached bytes are
+  // under the cap again. One evictor at a time; others skip (the running one loops).
+  asio::awaitable<void> evict_if_needed() {
+    if (cached_chunks_.load(relaxed) * chunk_ <= max_bytes_) co_return;
+    if (evicting_.exchange(true)) co_return;
+    try {
+      // Evict an extra eighth of the cap, so saves and punches come in batches.
+      const uint64_t target = max_bytes_ - max_bytes_ / 8;
+      while (cached_chunks_.load(relaxed) * chunk_ > max_bytes_) {
+        std::vector<uint64_t> victims;
+        const uint64_t chunks = map_.chunks();
+        for (uint64_t step = 0; step < 2 * chunks; ++step) {
+          if ((cached_chunks_.load(relaxed) - victims.size()) * chunk_ <= target) break;
+          const uint64_t c = hand_++ % chunks;
+          if (!map_.present(c) || map_.take_access(c)) continue;
+          auto& s = shard(c);
+          std::unique_lock lock(s.mutex);  // waits for readers of c in the middle of a pread
+          if (s.pending.contains(c) || !map_.present(c)) continue;
+          s.pending.emplace(c, std::make_shared<Pending>());
+          map_.clear_present(c);
+          victims.push_back(c);
+        }
+        if (victims.empty()) break;
+        cached_chunks_.fetch_sub(victims.size(), relaxed);
+        auto self = shared_from_this();
+        std::exception_ptr error;
+        try {
+          // The cleared bits reach PATH.meta before the holes are punched.
+          auto op = offload([self, &victims] {
+            self->save_blocking();
+            for (auto c : victims) self->punch(c);
+          });
+          co_await std::move(op);
+        } catch (...) {
+          error = std::current_exception();
+        }
+        cache_counters().evictions.fetch_add(victims.size(), relaxed);
+        for (auto c : victims) release(c, nullptr);  // absent now: waiters fetch it again
+        if (error) std::rethrow_exception(error);
+      }
+    } catch (const std::exception& e) {
+      log::warn("cache: {}: eviction failed: {}", path_, e.what());
+    }
+    evicting_.store(false);
+  }
+
+  void punch(uint64_t c) {
+    if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(chunk_start(c)),
+                    static_cast<off_t>(chunk_end(c) - chunk_start(c))) != 0)
+      fail_errno(errno, fmt::format("cache: {}: punching chunk {}", path_, c));
+  }
+
+  // Saves unless another save is running (it will have the bits, or the next one will).
+  void save_if_idle() {
+    std::unique_lock lock(save_mutex_, std::try_to_lock);
+    if (lock.owns_lock()) save_locked();
+  }
+
+  void save_blocking() {
+    std::unique_lock lock(save_mutex_);
+    save_locked();
+  }
+
+  // Order matters (see the head of this file): bits, then fdatasync of the data, then the
+  // metadata replaced atomically.
+  void save_locked() {
+    unsaved_.store(0, relaxed);
+    dirty_.store(false, relaxed);
+    const auto words = map_.snapshot();
+    if (::fdatasync(fd_) != 0) fail_errno(errno, fmt::format("cache: {}: fdatasync", path_));
+    const auto bytes = encode_cache_meta(id_, words);
+    const std::string tmp = meta_path_ + ".tmp";
+    const int mfd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (mfd < 0) fail_errno(errno, fmt::format("cache: {}: creating {}", path_, tmp));
+    std::size_t done = 0;
+    while (done < bytes.size()) {
+      const ssize_t put = ::write(mfd, bytes.data() + done, bytes.size() - done);
+      if (put < 0 && errno == EINTR) continue;
+      if (put < 0) {
+        const int e = errno;
+        ::close(mfd);
+        fail_errno(e, fmt::format("cache: {}: writing {}", path_, tmp));
+      }
+      done += static_cast<std::size_t>(put);
+    }
+    if (::fsync(mfd) != 0) {
+      const int e = errno;
+      ::close(mfd);
+      fail_errno(e, fmt::format("cache: {}: fsync {}", path_, tmp));
+    }
+    ::close(mfd);
+    if (::rename(tmp.c_str(), meta_path_.c_str()) != 0)
+      fail_errno(errno, fmt::format("cache: {}: renaming {} to {}", path_, tmp, meta_path_));
+    last_save_ = std::chrono::steady_clock::now();
+  }
+
+  // Empties the cache: the metadata goes first (so a crash in between leaves no bitmap
+  // that names punched data), then every byte of the local file.
+  void discard() {
+    ::unlink(meta_path_.c_str());
+    map_.load(std::vector<uint64_t>(map_.word_count(), 0));
+    if (::ftruncate(fd_, 0) != 0 || ::ftruncate(fd_, static_cast<off_t>(id_.size)) != 0)
+      fail_errno(errno, fmt::format("cache: {}: resetting the cache file", path_));
+  }
+
+  DevicePtr remote_;
+  const CacheOptions options_;
+  const std::string path_;
+  const std::string meta_path_;
+  const CacheIdentity id_;
+  const int fd_;
+  const uint64_t chunk_;
+  Caps caps_;
+  CacheMap map_;
+  std::vector<Shard> shards_;
+  const uint64_t max_bytes_;
+  const uint64_t max_fetch_;
+  std::atomic<uint64_t> cached_chunks_{0};
+  std::atomic<uint64_t> unsaved_{0};
+  std::atomic<bool> dirty_{false};
+  std::atomic<bool> evicting_{false};
+  uint64_t hand_ = 0;  // the clock hand; only the evictor moves it
+  std::atomic<unsigned> prefetching_{0};
+  mutable std::mutex save_mutex_;
+  std::chrono::steady_clock::time_point last_save_;  // under save_mutex_
+};
+
+uint32_t choose_chunk_size(const BlockDevice& remote, const CacheOptions& o) {
+  if (o.chunk_size == 0) {
+    const uint32_t preferred = remote.caps().block_preferred;
+    return preferred >= (64u << 10) && std::has_single_bit(preferred) ? preferred : 1u << 20;
+  }
+  if (!std::has_single_bit(o.chunk_size) || o.chunk_size < 4096)
+    fail(std::errc::invalid_argument,
+         "cache: {}: chunk size {} is not a power of two of at least 4096 bytes", o.path,
+         o.chunk_size);
+  return o.chunk_size;
+}
+
+}  // namespace
+
+DevicePtr open_cache(DevicePtr remote, const CacheOptions& options) {
+  if (options.path.empty()) fail(std::errc::invalid_argument, "cache: no cache file path given");
+  CacheIdentity id{remote->describe(), remote->size(), remote->version_tag(),
+                   choose_chunk_size(*remote, options)};
+  std::error_code ec;
+  auto canonical = std::filesystem::weakly_canonical(options.path, ec);
+  const std::string key = ec ? options.path : canonical.string();
+
+  std::lock_guard lock(registry_mutex);
+  auto& reg = registry();
+  if (auto it = reg.find(key); it != reg.end()) {
+    if (auto existing = it->second.lock()) {
+      if (existing->identity() == id) return existing;
+      fail(std::errc::device_or_resource_busy,
+           "cache: {}: already in use for {} ({}); give each remote object its own cache file",
+           options.path, existing->identity().describe, identity_change(existing->identity(), id));
+    }
+  }
+  const int fd = ::open(options.path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) fail_errno(errno, fmt::format("cache: {}", options.path));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int e = errno;
+    ::close(fd);
+    if (e == EWOULDBLOCK)
+      fail(std::errc::device_or_resource_busy,
+           "cache: {}: in use by another process (one cache file per server)", options.path);
+    fail_errno(e, fmt::format("cache: {}: flock", options.path));
+  }
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    fail(std::errc::invalid_argument, "cache: {}: not a regular file", options.path);
+  }
+  auto cache = std::make_shared<Cache>(std::move(remote), options, std::move(id), fd);
+  if (static_cast<uint64_t>(st.st_size) != cache->size() &&
+      ::ftruncate(fd, static_cast<off_t>(cache->size())) != 0)
+    fail_errno(errno, fmt::format("cache: {}: setting the size", options.path));
+  cache->load();
+  reg[key] = cache;
+  return cache;
+}
+
+}  // namespace imagenbd::backends

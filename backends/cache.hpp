@@ -1,0 +1,39 @@
+// The cache filter: a persistent on-disk copy of a remote leaf's bytes (issue 6 item 1).
+// A sparse local file holds fetched chunks; a present bitmap, saved in PATH.meta with the
+// remote's identity (describe, size, version tag, chunk size), says which. Read-only: the
+// cow overlay sits above it for writes. Cf. nbdkit filters/cache, without its global lock.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "backends/block_device.hpp"
+
+namespace imagenbd::backends {
+
+struct CacheOptions {
+  std::string path;  // the local cache file (sparse, the remote's size); metadata in PATH.meta
+  uint32_t chunk_size =
+      0;  // 0: the remote's block_preferred if >= 64 KiB, else 1 MiB; a power of two
+  uint64_t max_bytes = 0;  // size cap of the cached bytes; 0: the remote's size (no eviction)
+  uint64_t max_fetch = 8u << 20;  // adjacent missing chunks fetched in one remote read, up to this
+  unsigned prefetch_width = 4;    // background prefetches at a time; more are dropped (hints)
+  uint32_t save_every_chunks = 64;  // save the bitmap after this many new chunks ...
+  uint32_t save_every_seconds = 5;  // ... or when a chunk arrives this long after the last save
+};
+
+// Opens (or creates) the cache at options.path over `remote`. If PATH.meta was saved for
+// another identity (the remote changed: size or version tag; or the chunk size changed), or
+// cannot be read, the cache is discarded with a log line saying why and starts empty.
+// A process-wide registry shares one cache object per path: opening the same path over a
+// remote of the same identity returns the existing object; another identity is refused
+// (EBUSY). Another process holding the path is refused too (flock).
+// The result: size and caps of the remote (read-only, cache = true); read() serves present
+// chunks from the local file and fetches missing ones (whole chunks; concurrent misses on a
+// chunk fetch it once); prefetch() fetches in the background; flush() and close() save the
+// bitmap; writes, trims and zeroes fail with EPERM.
+// @throws Error for bad options or a local file that cannot be opened.
+// @par Thread Safety: the device may be used from any thread concurrently.
+DevicePtr open_cache(DevicePtr remote, const CacheOptions& options);
+
+}  // namespace imagenbd::backends

@@ -1,0 +1,393 @@
+// The cache filter: hits without remote reads, persistence across reopen, invalidation on a
+// changed remote, damaged metadata, the size cap, single fetch under concurrent misses,
+// errors to every waiter, prefetch, and a seeded model test against the remote's bytes.
+#include "backends/cache.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+
+#include <chrono>
+#include <exception>
+#include <fstream>
+#include <random>
+#include <vector>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+
+#include "backends/cache_map.hpp"
+#include "backends/memory.hpp"
+#include "backends/remote_metrics.hpp"
+#include "tests/unit/backends/support/counting_device.hpp"
+#include "tests/unit/support/device_helpers.hpp"
+#include "tests/unit/support/run.hpp"
+#include "tests/unit/support/temp_dir.hpp"
+
+using namespace imagenbd::backends;
+using imagenbd::test::CountingDevice;
+using imagenbd::test::error_of;
+using imagenbd::test::read;
+using imagenbd::test::run;
+using imagenbd::test::TempDir;
+
+namespace {
+
+constexpr uint32_t chunk = 64 << 10;
+
+// A remote of `size` bytes with a position-dependent pattern (no zero bytes).
+DevicePtr make_blob(uint64_t size, int seed = 1) {
+  auto m = open_memory(size, "az://acct/c/disk.vhd");
+  std::vector<std::byte> v(size);
+  for (uint64_t i = 0; i < size; ++i)
+    v[i] = std::byte(static_cast<uint8_t>((i / 4096) * 13 + i * 7 + seed) | 1);
+  run(m->write(0, v, {}));
+  return m;
+}
+
+std::shared_ptr<CountingDevice> remote_over(DevicePtr blob, std::string tag = "v1") {
+  return std::make_shared<CountingDevice>(std::move(blob), std::move(tag));
+}
+
+CacheOptions options_for(const TempDir& dir, uint64_t max_bytes = 0) {
+  CacheOptions o;
+  o.path = dir.file("cache.img");
+  o.chunk_size = chunk;
+  o.max_bytes = max_bytes;
+  return o;
+}
+
+uint64_t allocated_bytes(const std::string& path) {
+  struct stat st {};
+  REQUIRE(::stat(path.c_str(), &st) == 0);
+  return static_cast<uint64_t>(st.st_blocks) * 512;
+}
+
+}  // namespace
+
+TEST_CASE("cache map: the metadata codec round-trips and refuses damaged bytes") {
+  CacheIdentity id{"az://a/c/b", 123456789, "\"0x8D\"", chunk};
+  std::vector<uint64_t> words{0x5, 0xffffffffffffffffull, 0};
+  auto bytes = encode_cache_meta(id, words);
+  auto d = decode_cache_meta(bytes);
+  REQUIRE(d.ok);
+  CHECK(d.identity == id);
+  CHECK(d.words == words);
+  // Every truncation, and every single flipped byte, is refused.
+  for (std::size_t n = 0; n < bytes.size(); ++n) {
+    CHECK_FALSE(decode_cache_meta(std::span(bytes).first(n)).ok);
+    auto flipped = bytes;
+    flipped[n] ^= std::byte{0x40};
+    CHECK_FALSE(decode_cache_meta(flipped).ok);
+  }
+  CHECK(identity_change(id, id).empty());
+  auto other = id;
+  other.version_tag = "\"0x9E\"";
+  CHECK(identity_change(id, other).find("version tag") != std::string::npos);
+  other = id;
+  other.size += 512;
+  CHECK(identity_change(id, other).find("size") != std::string::npos);
+  other = id;
+  other.chunk_size *= 2;
+  CHECK(identity_change(id, other).find("chunk size") != std::string::npos);
+}
+
+TEST_CASE("cache map: present and access bits, and loading ignores bits past the end") {
+  CacheMap m(70);
+  CHECK(m.word_count() == 2);
+  CHECK(m.set_present(69));
+  CHECK_FALSE(m.set_present(69));
+  CHECK(m.present(69));
+  CHECK(m.count_present() == 1);
+  CHECK(m.clear_present(69));
+  CHECK_FALSE(m.present(69));
+  m.touch(3);
+  CHECK(m.take_access(3));
+  CHECK_FALSE(m.take_access(3));
+  const std::vector<uint64_t> all{~0ull, ~0ull};
+  m.load(all);
+  CHECK(m.count_present() == 70);
+}
+
+TEST_CASE("cache: the first read fetches once, the second touches nothing remote") {
+  TempDir dir("cache");
+  auto blob = make_blob(16 * chunk);
+  auto remote = remote_over(blob);
+  auto c = open_cache(remote, options_for(dir));
+  CHECK(c->name() == "cache");
+  CHECK(c->size() == blob->size());
+  CHECK(c->caps().cache);
+  CHECK_FALSE(c->caps().writable);
+  CHECK(c->caps().multi_conn == remote->caps().multi_conn);
+  const uint64_t at = chunk + 100, n = 2 * chunk + 5;  // touches chunks 1, 2, 3
+  const auto hits0 = cache_counters().hits.load(), misses0 = cache_counters().misses.load();
+  CHECK(read(*c, at, n) == read(*blob, at, n));
+  CHECK(remote->reads() == 1);  // adjacent missing chunks in one request
+  CHECK(remote->bytes_read() == 3 * chunk);
+  CHECK(cache_counters().misses.load() - misses0 == 3);
+  CHECK(read(*c, at, n) == read(*blob, at, n));
+  CHECK(read(*c, 2 * chunk, 10) == read(*blob, 2 * chunk, 10));
+  CHECK(remote->reads() == 1);
+  CHECK(cache_counters().hits.load() - hits0 == 4);
+  // A read spanning present and missing chunks fetches only the missing one.
+  CHECK(read(*c, 3 * chunk, 2 * chunk) == read(*blob, 3 * chunk, 2 * chunk));
+  CHECK(remote->reads() == 2);
+  CHECK(remote->bytes_read() == 4 * chunk);
+}
+
+TEST_CASE("cache: writes, trims and zeroes are refused with EPERM") {
+  TempDir dir("cache");
+  auto c = open_cache(remote_over(make_blob(4 * chunk)), options_for(dir));
+  const std::vector<std::byte> data(512);
+  CHECK(error_of([&] { run(c->write(0, data, {})); }).errc() == std::errc::operation_not_permitted);
+  CHECK(error_of([&] { run(c->trim(0, 512, {})); }).errc() == std::errc::operation_not_permitted);
+  CHECK(error_of([&] { run(c->zero(0, 512, {})); }).errc() == std::errc::operation_not_permitted);
+}
+
+TEST_CASE("cache: a reopened cache serves what was fetched without touching the remote") {
+  TempDir dir("cache");
+  auto blob = make_blob(16 * chunk);
+  {
+    auto c = open_cache(remote_over(blob), options_for(dir));
+    (void)read(*c, 0, 4 * chunk);
+    run(c->close());
+  }
+  auto remote = remote_over(blob);  // a new remote object, same identity
+  auto c = open_cache(remote, options_for(dir));
+  CHECK(read(*c, 0, 4 * chunk) == read(*blob, 0, 4 * chunk));
+  CHECK(remote->reads() == 0);
+  CHECK(read(*c, 4 * chunk, chunk) == read(*blob, 4 * chunk, chunk));
+  CHECK(remote->reads() == 1);
+}
+
+TEST_CASE("cache: the bitmap is saved after N new chunks, before flush or close") {
+  TempDir dir("cache");
+  auto blob = make_blob(16 * chunk);
+  auto o = options_for(dir);
+  o.save_every_chunks = 2;
+  auto c = open_cache(remote_over(blob), o);
+  (void)read(*c, 0, 3 * chunk);
+  std::ifstream in(o.path + ".meta", std::ios::binary);
+  std::vector<char> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto d = decode_cache_meta(std::as_bytes(std::span(raw)));
+  REQUIRE(d.ok);
+  CHECK(d.words.at(0) == 0x7);
+}
+
+TEST_CASE("cache: a changed version tag, size or chunk size discards the cache") {
+  TempDir dir("cache");
+  auto blob = make_blob(16 * chunk);
+  {
+    auto c = open_cache(remote_over(blob, "v1"), options_for(dir));
+    (void)read(*c, 0, 2 * chunk);
+    run(c->close());
+  }
+  SUBCASE("version tag") {
+    // The blob was rewritten: new contents, new tag.
+    auto changed = make_blob(16 * chunk, 99);
+    auto remote = remote_over(changed, "v2");
+    auto c = open_cache(remote, options_for(dir));
+    CHECK(read(*c, 0, 2 * chunk) == read(*changed, 0, 2 * chunk));
+    CHECK(remote->reads() == 1);
+  }
+  SUBCASE("size") {
+    auto bigger = make_blob(17 * chunk);
+    auto remote = remote_over(bigger, "v1");
+    auto c = open_cache(remote, options_for(dir));
+    CHECK(c->size() == 17 * chunk);
+    CHECK(read(*c, 0, 2 * chunk) == read(*bigger, 0, 2 * chunk));
+    CHECK(remote->reads() == 1);
+  }
+  SUBCASE("chunk size") {
+    auto remote = remote_over(blob, "v1");
+    auto o = options_for(dir);
+    o.chunk_size = 2 * chunk;
+    auto c = open_cache(remote, o);
+    CHECK(read(*c, 0, 2 * chunk) == read(*blob, 0, 2 * chunk));
+    CHECK(remote->reads() == 1);
+  }
+}
+
+TEST_CASE("cache: truncated or garbage metadata is discarded, not trusted") {
+  TempDir dir("cache");
+  auto blob = make_blob(16 * chunk);
+  const auto o = options_for(dir);
+  {
+    auto c = open_cache(remote_over(blob), o);
+    (void)read(*c, 0, 2 * chunk);
+    run(c->close());
+  }
+  SUBCASE("truncated") {
+    REQUIRE(::truncate((o.path + ".meta").c_str(), 20) == 0);
+  }
+  SUBCASE("garbage") {
+    std::ofstream out(o.path + ".meta", std::ios::binary | std::ios::trunc);
+    std::mt19937 rng(7);
+    for (int i = 0; i < 200; ++i) out.put(static_cast<char>(rng()));
+  }
+  SUBCASE("data file without metadata") {
+    REQUIRE(::unlink((o.path + ".meta").c_str()) == 0);
+  }
+  auto remote = remote_over(blob);
+  auto c = open_cache(remote, o);
+  CHECK(read(*c, 0, 2 * chunk) == read(*blob, 0, 2 * chunk));
+  CHECK(remote->reads() == 1);
+}
+
+TEST_CASE("cache: the size cap holds and evicted chunks are fetched again correctly") {
+  TempDir dir("cache");
+  const uint64_t size = 64 * chunk, cap = 8 * chunk;
+  auto blob = make_blob(size);
+  auto remote = remote_over(blob);
+  const auto o = options_for(dir, cap);
+  auto c = open_cache(remote, o);
+  const auto evictions0 = cache_counters().evictions.load();
+  for (uint64_t at = 0; at < size; at += 2 * chunk) {
+    CHECK(read(*c, at, 2 * chunk) == read(*blob, at, 2 * chunk));
+    CHECK(allocated_bytes(o.path) <= cap + chunk);
+  }
+  CHECK(cache_counters().evictions.load() - evictions0 >= 64 - 8);
+  // Everything again, backwards: the early chunks were evicted and come back intact.
+  remote->reset_counts();
+  for (uint64_t at = size; at > 0; at -= chunk)
+    CHECK(read(*c, at - chunk, chunk) == read(*blob, at - chunk, chunk));
+  CHECK(remote->reads() > 0);
+  CHECK(allocated_bytes(o.path) <= cap + chunk);
+  // And a restart keeps only chunks whose data is still there.
+  run(c->close());
+  c.reset();
+  auto again = open_cache(remote_over(blob), o);
+  for (uint64_t at = 0; at < size; at += chunk)
+    CHECK(read(*again, at, chunk) == read(*blob, at, chunk));
+}
+
+TEST_CASE("cache: recently used chunks survive eviction (second chance)") {
+  TempDir dir("cache");
+  auto blob = make_blob(32 * chunk);
+  auto remote = remote_over(blob);
+  auto c = open_cache(remote, options_for(dir, 8 * chunk));
+  for (uint64_t i = 0; i < 32; ++i) {
+    (void)read(*c, i * chunk, chunk);
+    (void)read(*c, 0, 100);  // chunk 0 stays hot
+  }
+  remote->reset_counts();
+  (void)read(*c, 0, 100);
+  CHECK(remote->reads() == 0);
+}
+
+TEST_CASE("cache: 20 concurrent readers of one missing chunk cause one remote read") {
+  TempDir dir("cache");
+  auto blob = make_blob(8 * chunk);
+  auto remote = remote_over(blob);
+  remote->set_delay(std::chrono::milliseconds(20));
+  auto c = open_cache(remote, options_for(dir));
+  boost::asio::io_context io;
+  std::vector<std::vector<std::byte>> results(20, std::vector<std::byte>(1000));
+  int done = 0;
+  for (std::size_t i = 0; i < results.size(); ++i)
+    boost::asio::co_spawn(io, c->read(3 * chunk + i * 100, results[i]), [&](std::exception_ptr e) {
+      CHECK(!e);
+      ++done;
+    });
+  io.run();
+  CHECK(done == 20);
+  CHECK(remote->reads() == 1);
+  for (std::size_t i = 0; i < results.size(); ++i)
+    CHECK(results[i] == read(*blob, 3 * chunk + i * 100, 1000));
+}
+
+TEST_CASE("cache: a failed fetch reaches every waiter and a later read retries") {
+  TempDir dir("cache");
+  auto blob = make_blob(8 * chunk);
+  auto remote = remote_over(blob);
+  remote->set_delay(std::chrono::milliseconds(20));
+  remote->fail_next_reads(1);
+  auto c = open_cache(remote, options_for(dir));
+  boost::asio::io_context io;
+  std::vector<std::vector<std::byte>> results(20, std::vector<std::byte>(512));
+  int failed = 0;
+  for (std::size_t i = 0; i < results.size(); ++i)
+    boost::asio::co_spawn(io, c->read(5 * chunk + i * 512, results[i]), [&](std::exception_ptr e) {
+      try {
+        if (e) std::rethrow_exception(e);
+      } catch (const Error& err) {
+        if (err.errc() == std::errc::io_error) ++failed;
+      }
+    });
+  io.run();
+  CHECK(failed == 20);
+  CHECK(remote->reads() == 1);
+  CHECK(read(*c, 5 * chunk, 512) == read(*blob, 5 * chunk, 512));
+  CHECK(remote->reads() == 2);
+}
+
+TEST_CASE("cache: prefetch fetches in the background and later reads hit") {
+  TempDir dir("cache");
+  auto blob = make_blob(16 * chunk);
+  auto remote = remote_over(blob);
+  auto c = open_cache(remote, options_for(dir));
+  run(c->prefetch(chunk, 4 * chunk));  // run() returns once the background fetch is done
+  CHECK(remote->reads() == 1);
+  CHECK(read(*c, chunk, 4 * chunk) == read(*blob, chunk, 4 * chunk));
+  CHECK(remote->reads() == 1);
+  // A failing prefetch is only logged.
+  remote->fail_next_reads(1);
+  run(c->prefetch(10 * chunk, chunk));
+  CHECK(read(*c, 10 * chunk, chunk) == read(*blob, 10 * chunk, chunk));
+}
+
+TEST_CASE("cache: the default chunk size follows the remote's preferred block size") {
+  TempDir dir("cache");
+  auto blob = make_blob(64 * chunk);
+  CacheOptions o;
+  o.path = dir.file("a.img");
+  auto small = remote_over(blob);
+  auto c = open_cache(small, o);
+  (void)read(*c, 0, 1);
+  CHECK(small->bytes_read() == 1u << 20);  // 4 KiB preferred: 1 MiB chunks
+  auto big = remote_over(blob);
+  big->set_block_preferred(256 << 10);
+  o.path = dir.file("b.img");
+  auto d = open_cache(big, o);
+  (void)read(*d, 0, 1);
+  CHECK(big->bytes_read() == 256u << 10);
+  o.chunk_size = 3000;
+  o.path = dir.file("c.img");
+  CHECK(error_of([&] { open_cache(big, o); }).errc() == std::errc::invalid_argument);
+}
+
+TEST_CASE("cache: one cache object per path, shared by opens over the same remote") {
+  TempDir dir("cache");
+  auto blob = make_blob(8 * chunk);
+  auto a = open_cache(remote_over(blob), options_for(dir));
+  auto b = open_cache(remote_over(blob), options_for(dir));
+  CHECK(a == b);
+  auto other = remote_over(blob, "v2");
+  CHECK(error_of([&] { open_cache(other, options_for(dir)); }).errc() ==
+        std::errc::device_or_resource_busy);
+}
+
+TEST_CASE("cache: seeded model test of random reads, restarts and a cap") {
+  TempDir dir("cache");
+  const uint64_t size = 40 * chunk + 12345;  // a partial last chunk
+  auto blob = make_blob(size, 5);
+  std::vector<std::byte> model(size);
+  run(blob->read(0, model));
+  auto o = options_for(dir, 12 * chunk);
+  o.max_fetch = 3 * chunk;
+  std::mt19937_64 rng(20261121);
+  auto c = open_cache(remote_over(blob), o);
+  for (int step = 0; step < 400; ++step) {
+    if (step % 97 == 96) {  // restart
+      run(c->close());
+      c.reset();
+      c = open_cache(remote_over(blob), o);
+    }
+    const uint64_t at = rng() % size;
+    const uint64_t n = 1 + rng() % std::min<uint64_t>(size - at, 5 * chunk);
+    const auto got = read(*c, at, n);
+    const bool same = std::equal(got.begin(), got.end(), model.begin() + at);
+    CHECK_MESSAGE(same, "step ", step, ": read ", at, "+", n);
+  }
+}
