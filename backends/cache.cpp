@@ -11,8 +11,11 @@
 // fdatasyncs the data file, then replaces PATH.meta (write, fsync, rename), so the saved
 // bitmap never names a chunk whose data is not on disk; eviction saves the cleared bits
 // before it punches holes. A crash loses at most the bits set since the last save.
-// GCC 12: every offload() awaitable is named before co_await; a temporary lambda holding a
-// shared_ptr inside the co_await expression would be destroyed twice.
+// Offloaded work captures a plain `this`: the awaiting coroutine keeps the cache alive
+// (the caller's reference, or the prefetch coroutine's own), and a captured shared_ptr
+// would be dropped on the pool thread after the caller resumed, keeping a closed cache
+// alive in the registry for a moment. GCC 12: offload() awaitables are named before
+// co_await (temporaries in a co_await expression may be destroyed twice).
 // Limits: local I/O is synchronous inside offload(); a coroutine destroyed while holding a
 // claim (io_context stopped mid-fetch) leaves its waiters waiting.
 #include "backends/cache.hpp"
@@ -269,8 +272,7 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
 
   // Saves the bitmap: what the cache fetched so far survives a restart.
   asio::awaitable<void> flush() override {
-    auto self = shared_from_this();
-    auto op = offload([self] { self->save_blocking(); });
+    auto op = offload([this] { save_blocking(); });
     co_await std::move(op);
   }
 
@@ -429,12 +431,11 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     const auto unsaved = unsaved_.fetch_add(added, relaxed) + added;
     dirty_.store(true, relaxed);
     if (unsaved >= options_.save_every_chunks || save_due()) {
-      auto self = shared_from_this();
-      auto op = offload([self] {
+      auto op = offload([this] {
         try {
-          self->save_if_idle();
+          save_if_idle();
         } catch (const std::exception& e) {
-          log::warn("cache: {}: could not save the bitmap: {}", self->path_, e.what());
+          log::warn("cache: {}: could not save the bitmap: {}", path_, e.what());
         }
       });
       co_await std::move(op);
@@ -494,13 +495,12 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
         }
         if (victims.empty()) break;
         cached_chunks_.fetch_sub(victims.size(), relaxed);
-        auto self = shared_from_this();
         std::exception_ptr error;
         try {
           // The cleared bits reach PATH.meta before the holes are punched.
-          auto op = offload([self, &victims] {
-            self->save_blocking();
-            for (auto c : victims) self->punch(c);
+          auto op = offload([this, &victims] {
+            save_blocking();
+            for (auto c : victims) punch(c);
           });
           co_await std::move(op);
         } catch (...) {
