@@ -131,10 +131,13 @@ asio::awaitable<void> Session::run() {
   } catch (const std::exception& e) {
     log::warn("{}: connection failed: {}", peer_, e.what());
   }
+  closed_ = true;
   grace_.cancel();
   idle_.cancel();
   if (counted_) export_->metrics->connection_closed();
-  co_await transport_.shutdown_tls(std::chrono::seconds(1));
+  // close_notify only when no reply is being written: TLS allows one write at a time, and
+  // after a failure (an exception above) the writer may still be busy.
+  if (!writing_ && !broken_) co_await transport_.shutdown_tls(std::chrono::seconds(1));
   transport_.close();
 }
 
@@ -268,8 +271,7 @@ asio::awaitable<bool> Session::start_tls(protocol::Handshake& hs, std::vector<st
   if (options_.metrics) ++options_.metrics->tls_handshakes;
   peer_info_.tls = true;
   peer_info_.tls_identity = tls_peer_identity(transport_.native_tls());
-  log::info("{}: TLS established ({}){}{}", peer_,
-            tls_session_summary(transport_.native_tls()),
+  log::info("{}: TLS established ({}){}{}", peer_, tls_session_summary(transport_.native_tls()),
             peer_info_.tls_identity.empty() ? "" : " with ", peer_info_.tls_identity);
   hs.tls_started();
   co_return true;
@@ -588,7 +590,8 @@ void Session::reply_error(const Request& r, Errno error, std::string_view messag
 void Session::arm_idle_timer() {
   idle_.expires_at(last_activity_ + options_.idle_timeout);
   idle_.async_wait([self = shared_from_this()](boost::system::error_code ec) {
-    if (ec || self->stopping_) return;
+    // closed_: the timer fired just as run() cancelled it; the session is over.
+    if (ec || self->stopping_ || self->closed_) return;
     const auto idle_for = std::chrono::steady_clock::now() - self->last_activity_;
     if (self->in_flight_ > 0 || self->writing_ || idle_for < self->options_.idle_timeout) {
       if (self->in_flight_ > 0 || self->writing_) {

@@ -168,6 +168,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool handshake_done_ = false;  // disarms the handshake deadline
   bool wrote_data_ = false;
   bool counted_ = false;  // export_->metrics counts this connection
+  bool closed_ = false;   // run() has finished with the connection
   SessionStats stats_;
 };
 
