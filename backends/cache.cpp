@@ -166,7 +166,9 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   const std::string& path() const { return path_; }
 
   // Loads PATH.meta if it matches; otherwise discards the local file's contents.
-  void load() {
+  // file_size: the local file's size as found, before open set it; a file of another size
+  // was created anew or altered, and a bitmap over it would serve zeroes as data.
+  void load(uint64_t file_size) {
     std::string why;
     std::vector<std::byte> bytes;
     const int mfd = ::open(meta_path_.c_str(), O_RDONLY | O_CLOEXEC);
@@ -191,6 +193,9 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
         } else if (d.words.size() != map_.word_count()) {
           why = fmt::format("metadata {} has {} bitmap words, expected {}", meta_path_,
                             d.words.size(), map_.word_count());
+        } else if (file_size != id_.size) {
+          why = fmt::format("the cache file is {} bytes, not {} (new or altered)", file_size,
+                            id_.size);
         } else {
           map_.load(d.words);
         }
@@ -649,7 +654,7 @@ DevicePtr open_cache(DevicePtr remote, const CacheOptions& options) {
   if (static_cast<uint64_t>(st.st_size) != cache->size() &&
       ::ftruncate(fd, static_cast<off_t>(cache->size())) != 0)
     fail_errno(errno, fmt::format("cache: {}: setting the size", options.path));
-  cache->load();
+  cache->load(static_cast<uint64_t>(st.st_size));
   reg[key] = cache;
   return cache;
 }

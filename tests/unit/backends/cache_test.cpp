@@ -229,6 +229,9 @@ TEST_CASE("cache: truncated or garbage metadata is discarded, not trusted") {
   SUBCASE("data file without metadata") {
     REQUIRE(::unlink((o.path + ".meta").c_str()) == 0);
   }
+  SUBCASE("metadata without its data file") {
+    REQUIRE(::unlink(o.path.c_str()) == 0);
+  }
   auto remote = remote_over(blob);
   auto c = open_cache(remote, o);
   CHECK(read(*c, 0, 2 * chunk) == read(*blob, 0, 2 * chunk));
