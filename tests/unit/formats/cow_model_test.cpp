@@ -239,13 +239,14 @@ class Model {
     } else if (dice < 68) {
       do_zero(true);
     } else if (dice < 74) {
+      flush_start_ = file_->position();
       run(cow_->flush());
       flushed(true);
     } else if (dice < 77) {
       check_extents();
     } else if (dice < 79) {
       clean_restart();
-    } else if (dice < 81) {
+    } else if (dice < 83) {
       crash();
     } else {
       do_write(false);
@@ -314,6 +315,7 @@ class Model {
   void do_write(bool fua) {
     const auto [offset, length] = random_range();
     Bytes data = random_bytes(rng_, length);
+    flush_start_ = file_->position();
     run(cow_->write(offset, data, {.fua = fua}));
     std::copy(data.begin(), data.end(), ref_.begin() + static_cast<std::ptrdiff_t>(offset));
     note(Change{offset, std::move(data), length});
@@ -326,6 +328,7 @@ class Model {
         .fua = rng_() % 8 == 0, .no_hole = rng_() % 3 == 0, .fast = !trim && rng_() % 3 == 0};
     const bool partial = offset % block_size_ != 0 ||
                          ((offset + length) % block_size_ != 0 && offset + length != size_);
+    flush_start_ = file_->position();
     try {
       if (trim)
         run(cow_->trim(offset, length, flags));
@@ -374,13 +377,14 @@ class Model {
       since_prev_.clear();
     }
     since_last_.clear();
-    last_ = Checkpoint{file_->position(), ref_};
+    last_ = Checkpoint{file_->position(), ref_, std::max(flush_start_, prev_.position)};
     file_->rebase(prev_.position);
   }
 
   void open() { cow_ = run(open_cow(lower_rec_, file_, {.identity = "lower"})); }
 
   void clean_restart() {
+    flush_start_ = file_->position();
     run(cow_->flush());
     flushed(true);
     cow_.reset();
@@ -392,12 +396,16 @@ class Model {
   // what the overlay shows.
   void crash() {
     ++crashes;
-    const bool before_last = rng_() % 3 == 0 && last_.position > prev_.position;
+    const bool before_last = rng_() % 2 == 0 && last_.position > prev_.position;
     const uint64_t end = file_->position();
-    const uint64_t from = before_last ? prev_.position : last_.position;
+    // Most crashes before the last flush fall inside it (its data flush and map
+    // writes), where ordering bugs show.
+    const uint64_t from = !before_last      ? last_.position
+                          : rng_() % 4 != 0 ? std::min(last_.flush_start, last_.position - 1)
+                                            : prev_.position;
     const uint64_t to = before_last ? last_.position : end + 1;
     const uint64_t position = from + rng_() % (to - from);
-    const bool subset = rng_() % 2 == 0;
+    const bool subset = rng_() % 4 != 0;
     const Bytes base_ref = before_last ? prev_.ref : last_.ref;
     // What may or may not have reached the file by then.
     const std::vector<Change>& uncertain = before_last ? since_prev_ : since_last_;
@@ -442,8 +450,9 @@ class Model {
   }
 
   struct Checkpoint {
-    uint64_t position = 0;
+    uint64_t position = 0;  // in the overlay file's log, when the flush returned
     Bytes ref;
+    uint64_t flush_start = 0;  // when the operation that flushed began
   };
 
   std::mt19937_64 rng_;
@@ -454,6 +463,7 @@ class Model {
   std::shared_ptr<CrashFile> file_;
   DevicePtr cow_;
   Bytes ref_;
+  uint64_t flush_start_ = 0;
   Checkpoint prev_, last_;          // the last two completed flushes
   std::vector<Change> since_prev_;  // changes after prev_
   std::vector<Change> since_last_;  // changes after last_
