@@ -478,9 +478,20 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
 
   // Evicts least-recently-used chunks (clock / second chance) until the cached bytes are
   // under the cap again. One evictor at a time; others skip (the running one loops).
+  // A fetch that finds another evictor running leaves the work to it, so that one checks
+  // the cap again after letting go: bits set meanwhile are not left over the cap.
   asio::awaitable<void> evict_if_needed() {
-    if (cached_chunks_.load(relaxed) * chunk_ <= max_bytes_) co_return;
-    if (evicting_.exchange(true)) co_return;
+    while (cached_chunks_.load(relaxed) * chunk_ > max_bytes_) {
+      if (evicting_.exchange(true)) co_return;
+      const bool progress = co_await evict_round();
+      evicting_.store(false);
+      if (!progress) co_return;  // everything left is in flight: the next fetch tries again
+    }
+  }
+
+  // One evictor's work; whether it evicted anything.
+  asio::awaitable<bool> evict_round() {
+    bool progress = false;
     try {
       // Evict an extra eighth of the cap, so saves and punches come in batches.
       const uint64_t target = max_bytes_ - max_bytes_ / 8;
@@ -499,6 +510,7 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
           victims.push_back(c);
         }
         if (victims.empty()) break;
+        progress = true;
         cached_chunks_.fetch_sub(victims.size(), relaxed);
         std::exception_ptr error;
         try {
@@ -518,7 +530,7 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     } catch (const std::exception& e) {
       log::warn("cache: {}: eviction failed: {}", path_, e.what());
     }
-    evicting_.store(false);
+    co_return progress;
   }
 
   void punch(uint64_t c) {

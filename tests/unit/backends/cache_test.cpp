@@ -12,6 +12,7 @@
 #include <exception>
 #include <fstream>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include <boost/asio/co_spawn.hpp>
@@ -393,4 +394,45 @@ TEST_CASE("cache: seeded model test of random reads, restarts and a cap") {
     const bool same = std::equal(got.begin(), got.end(), model.begin() + at);
     CHECK_MESSAGE(same, "step ", step, ": read ", at, "+", n);
   }
+}
+
+TEST_CASE("cache: readers on four threads with a small cap all see the remote's bytes") {
+  TempDir dir("cache");
+  const uint64_t size = 24 * chunk + 777;
+  auto blob = make_blob(size, 9);
+  std::vector<std::byte> model(size);
+  run(blob->read(0, model));
+  auto remote = remote_over(blob);
+  auto o = options_for(dir, 6 * chunk);
+  o.max_fetch = 2 * chunk;
+  auto c = open_cache(remote, o);
+  std::atomic<int> wrong{0}, failed{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      boost::asio::io_context io;
+      std::mt19937_64 rng(1000 + t);
+      // Eight readers per thread, so coroutines interleave on each thread too.
+      for (int r = 0; r < 8; ++r)
+        boost::asio::co_spawn(
+            io,
+            [&, seed = rng()]() -> boost::asio::awaitable<void> {
+              std::mt19937_64 local(seed);
+              for (int i = 0; i < 40; ++i) {
+                const uint64_t at = local() % size;
+                const uint64_t n = 1 + local() % std::min<uint64_t>(size - at, 3 * chunk);
+                std::vector<std::byte> got(n);
+                co_await c->read(at, got);
+                if (!std::equal(got.begin(), got.end(), model.begin() + at)) ++wrong;
+              }
+            },
+            [&](std::exception_ptr e) {
+              if (e) ++failed;
+            });
+      io.run();
+    });
+  for (auto& t : threads) t.join();
+  CHECK(wrong == 0);
+  CHECK(failed == 0);
+  CHECK(allocated_bytes(o.path) <= 6 * chunk + 2 * chunk);
 }
