@@ -81,6 +81,7 @@ struct Transfer {
   curl_slist* headers = nullptr;
   std::size_t sent = 0;  // bytes of the body handed to curl
   bool overflow = false;
+  bool cut = false;  // a 2xx other than Request::expect_2xx, stopped at its first byte
   char error_text[CURL_ERROR_SIZE] = {};
   std::unique_ptr<Completion> completion;
 };
@@ -167,6 +168,10 @@ size_t on_body(char* data, size_t size, size_t count, void* user) {
   auto& t = *static_cast<Transfer*>(user);
   const std::size_t n = size * count;
   const bool success = t.response.status >= 200 && t.response.status < 300;
+  if (success && t.request.expect_2xx != 0 && t.response.status != t.request.expect_2xx) {
+    t.cut = true;
+    return 0;  // CURLE_WRITE_ERROR, turned back into the response in done()
+  }
   auto& into = t.request.into;
   const bool fits = t.response.body_size + n <= into.size();
   if (success && !into.empty()) {
@@ -335,6 +340,11 @@ struct Client::Impl {
       }
     }
     curl_easy_setopt(e, CURLOPT_HTTPHEADER, t.headers);
+    if (r.aws_sigv4) {
+      curl_easy_setopt(e, CURLOPT_AWS_SIGV4, r.aws_sigv4->provider.c_str());
+      curl_easy_setopt(e, CURLOPT_USERNAME, r.aws_sigv4->user.c_str());
+      curl_easy_setopt(e, CURLOPT_PASSWORD, r.aws_sigv4->secret.c_str());
+    }
   }
 
   // Detaches the easy handle from the transfer and keeps it for the next request.
@@ -374,6 +384,12 @@ struct Client::Impl {
                                                  "expected",
                                                  describe(t->request), t->request.into.size())));
       t->completion->complete(error, Response{});
+      return;
+    }
+    if (t->cut) {
+      t->response.status = status;
+      t->response.body_size = 0;
+      t->completion->complete(nullptr, std::move(t->response));
       return;
     }
     if (result != CURLE_OK) {

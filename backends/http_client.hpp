@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstddef>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -29,6 +30,15 @@ struct Header {
   std::string value;
 };
 
+// AWS Signature Version 4 by libcurl (CURLOPT_AWS_SIGV4 + CURLOPT_USERPWD), for S3.
+// libcurl 7.88 signs host, x-amz-date and every header in Request::headers verbatim; the
+// caller adds x-amz-content-sha256 itself (formats.md §4.3).
+struct AwsSigV4 {
+  std::string provider;  // "aws:amz:REGION:s3"
+  std::string user;      // the access key id
+  std::string secret;    // the secret access key
+};
+
 struct Request {
   std::string method = "GET";  // GET, HEAD, PUT, DELETE
   std::string url;             // full URL, already percent-encoded
@@ -45,6 +55,12 @@ struct Request {
   std::span<std::byte> into;
   // Whole-request timeout (connect + transfer). A stalled transfer also fails after it.
   std::chrono::milliseconds timeout{30000};
+  // When set, a 2xx response with another status (a 200 with the whole object where a
+  // 206 was asked for) is cut off before its first body byte and returned with its status
+  // and headers, body_size 0: a server that ignores Range never sends us gigabytes.
+  long expect_2xx = 0;
+  // When set, the request is signed with SigV4 (S3); the Azure path never sets it.
+  std::optional<AwsSigV4> aws_sigv4;
 };
 
 struct Response {

@@ -13,6 +13,10 @@ std::string_view remote_kind_name(RemoteKind kind) {
   switch (kind) {
     case RemoteKind::azure:
       return "azure";
+    case RemoteKind::s3:
+      return "s3";
+    case RemoteKind::http:
+      return "http";
     case RemoteKind::count_:
       break;
   }

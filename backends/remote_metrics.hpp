@@ -1,6 +1,6 @@
 // Process-wide counters of the requests the remote leaves send to their storage services,
-// per kind of service (today only "azure"; "s3" and "http" come with their leaves). Relaxed
-// atomics: requests on every thread count without locks; the admin endpoint reads them.
+// per kind of service ("azure", "s3", "http"). Relaxed atomics: requests on every thread
+// count without locks; the admin endpoint reads them.
 // Knows nothing of NBD: it counts HTTP requests, not the NBD requests that caused them.
 #pragma once
 
@@ -12,7 +12,7 @@
 
 namespace imagenbd::backends {
 
-enum class RemoteKind : std::size_t { azure, count_ };
+enum class RemoteKind : std::size_t { azure, s3, http, count_ };
 
 struct RemoteCounters {
   std::atomic<uint64_t> requests{0};       // HTTP requests sent, every attempt of a retry
@@ -33,7 +33,7 @@ struct RemoteCounters {
 
 inline constexpr std::size_t remote_kind_count = static_cast<std::size_t>(RemoteKind::count_);
 
-// The label value of a kind: "azure".
+// The label value of a kind: "azure", "s3", "http".
 std::string_view remote_kind_name(RemoteKind kind);
 
 // The counters of one kind of remote storage; lives as long as the process.

@@ -12,8 +12,10 @@
 #include "backends/azure_credentials.hpp"
 #include "backends/azure_page_blob.hpp"
 #include "backends/file.hpp"
+#include "backends/http_leaf.hpp"
 #include "backends/log.hpp"
 #include "backends/memory.hpp"
+#include "backends/s3_leaf.hpp"
 #include "server/blob_tool_common.hpp"
 #include "server/local_parents.hpp"
 
@@ -161,6 +163,22 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
     options.retry.deadline = std::chrono::seconds(spec.retry_deadline);
     options.credentials = given;
     leaf = co_await backends::open_azure_page_blob(uri, options);
+  } else if (image.starts_with("s3://") || image.starts_with("http://") ||
+             image.starts_with("https://")) {
+    // Read-only leaves (writes need an overlay): the export is read-only whatever -r says.
+    backends::RangeOptions range;
+    range.retry.deadline = std::chrono::seconds(spec.retry_deadline);
+    if (image.starts_with("s3://")) {
+      backends::S3Options options{.range = range};  // GCC 12: named, not a temporary
+      leaf = co_await backends::open_s3(spec.image, options);
+    } else {
+      backends::HttpOptions options{.range = range};
+      leaf = co_await backends::open_http(spec.image, options);
+    }
+    if (!spec.read_only) {
+      backends::log::info("{}: {}: serving read-only ({} objects cannot be written)",
+                          leaf->name(), leaf->describe(), leaf->name());
+    }
   } else if (image.starts_with("memory:")) {
     leaf = backends::open_memory(parse_size(image.substr(7)), spec.image);
   } else {
