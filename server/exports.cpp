@@ -176,8 +176,8 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
       leaf = co_await backends::open_http(spec.image, options);
     }
     if (!spec.read_only) {
-      backends::log::info("{}: {}: serving read-only ({} objects cannot be written)",
-                          leaf->name(), leaf->describe(), leaf->name());
+      log::info("{}: {}: serving read-only ({} objects cannot be written)", leaf->name(),
+                leaf->describe(), leaf->name());
     }
   } else if (image.starts_with("memory:")) {
     leaf = backends::open_memory(parse_size(image.substr(7)), spec.image);
