@@ -28,14 +28,7 @@ using imagenbd::protocol::ExportInfo;
 using imagenbd::protocol::Handshake;
 using imagenbd::protocol::HandshakeLimits;
 using State = Handshake::State;
-using imagenbd::test::Build;
-using imagenbd::test::Bytes;
-using imagenbd::test::cat;
-using imagenbd::test::FakeCatalog;
-using imagenbd::test::info_request;
-using imagenbd::test::meta_request;
-using imagenbd::test::opt;
-namespace spec = imagenbd::test::spec;
+using namespace imagenbd::test;  // handshake_bytes.hpp: spec::, Build, cat, opt, ...
 
 // ---------------------------------------------------------------------------------------
 // Byte helpers beyond tests/unit/support/handshake_bytes.hpp (Build, cat, opt, the spec's

@@ -21,14 +21,7 @@ using imagenbd::protocol::Handshake;
 using imagenbd::protocol::HandshakeLimits;
 using imagenbd::protocol::TlsMode;
 using State = Handshake::State;
-using imagenbd::test::Build;
-using imagenbd::test::Bytes;
-using imagenbd::test::cat;
-using imagenbd::test::FakeCatalog;
-using imagenbd::test::info_request;
-using imagenbd::test::meta_request;
-using imagenbd::test::opt;
-namespace spec = imagenbd::test::spec;
+using namespace imagenbd::test;  // handshake_bytes.hpp: spec::, Build, cat, opt, ...
 
 const Bytes fixed = Build().u32(0x3);  // FIXED_NEWSTYLE | NO_ZEROES
 const Bytes starttls = opt(spec::opt_starttls);
