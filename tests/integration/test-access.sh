@@ -17,17 +17,7 @@ cat >"$tmpdir/peer.py" <<'EOF'
 import socket, struct, sys
 import rawnbd
 from rawnbd import *
-
-failures = []
-
-def check(cond, what):
-    print(("ok:   " if cond else "FAIL: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
-
-def done():
-    if failures:
-        sys.exit("%d check(s) failed: %s" % (len(failures), "; ".join(failures)))
+from checks import check, done
 
 def tcp_from(source, port, host="127.0.0.1"):
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -69,10 +59,10 @@ def go_result(c, name):
     rtype, data = replies[-1]
     return rtype, data.decode(errors="replace")
 EOF
-cp "$srcdir/rawnbd.py" "$tmpdir/rawnbd.py"
+# py3 with $tmpdir on the path too, for the helpers above.
 peer_py ()
 {
-    PATH=/usr/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$tmpdir" python3 "$@"
+    PYTHONPATH="$tmpdir" py3 "$@"
 }
 
 # A bad block is refused at start-up, with the block the user probably meant.

@@ -13,19 +13,10 @@ requires nbdinfo
 requires_nbdsh
 
 cat >"$tmpdir/limits.py" <<'EOF'
-import socket, sys, time
+import socket, struct, sys, time
+import adminhttp
 from rawnbd import *
-
-failures = []
-
-def check(cond, what):
-    print(("ok:   " if cond else "FAIL: ") + what, flush=True)
-    if not cond:
-        failures.append(what)
-
-def done():
-    if failures:
-        sys.exit("%d check(s) failed: %s" % (len(failures), "; ".join(failures)))
+from checks import check, done
 
 def handle(sock, name="disk", messages=None):
     import nbd
@@ -40,22 +31,27 @@ def handle(sock, name="disk", messages=None):
 
 def metric(admin, name, **labels):
     """One sample of the admin endpoint's /metrics (admin: its Unix socket), or None."""
-    import http.client
-    class UnixHTTP(http.client.HTTPConnection):
-        def connect(self):
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.settimeout(10)
-            self.sock.connect(admin)
-    c = UnixHTTP("localhost")
-    c.request("GET", "/metrics")
-    text = c.getresponse().read().decode()
-    c.close()
-    want = ",".join('%s="%s"' % kv for kv in sorted(labels.items()))
-    for line in text.splitlines():
-        key, _, value = line.rpartition(" ")
-        if key == (name + "{" + want + "}" if want else name):
-            return float(value)
-    return None
+    try:
+        return adminhttp.scrape("unix:" + admin).value(name, **labels)
+    except KeyError:
+        return None
+
+def replies_before_hangup(sock, option, payload, counted, rounds=1025):
+    """Sends `rounds` copies of one option in one go and counts the replies of type
+    `counted` that arrive before the server hangs up."""
+    c = Conn(sock)
+    c.handshake()
+    c.send(b"".join(struct.pack(">QII", IHAVEOPT, option, len(payload)) + payload
+                    for _ in range(rounds)))
+    n = 0
+    try:
+        while True:
+            _opt, rtype, _data = c.read_option_reply()
+            if rtype == counted:
+                n += 1
+    except (EOFError, ConnectionResetError):
+        pass
+    return n
 
 def refused(sock, name="disk"):
     """The server's error text if connecting is refused, else None (the handle is closed)."""
@@ -70,10 +66,10 @@ def refused(sock, name="disk"):
     h.shutdown()
     return None
 EOF
-cp "$srcdir/rawnbd.py" "$tmpdir/rawnbd.py"
+# py3 with $tmpdir on the path too, for the helpers above.
 lim_py ()
 {
-    PATH=/usr/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$tmpdir" python3 "$@"
+    PYTHONPATH="$tmpdir" py3 "$@"
 }
 
 # --- --max-connections=2: the third is refused, a fourth after one left is served ---------
@@ -193,33 +189,12 @@ check(closed and 1.9 <= took <= 3.0, "slow client dropped %.2f s after connectin
 # Options forever: the limit is 1024 rounds; each LIST is answered (SERVER + ACK). The
 # 1025th is the last one sent, so the server leaves nothing unread and closes with a FIN
 # (unread data would make it a RST, which may discard replies still in flight).
-c = Conn(sock)
-c.handshake()
-c.send(b"".join(struct.pack(">QII", IHAVEOPT, OPT_LIST, 0) for _ in range(1025)))
-acks = 0
-try:
-    while True:
-        _opt, rtype, _data = c.read_option_reply()
-        if rtype == REP_ACK:
-            acks += 1
-except (EOFError, ConnectionResetError):
-    pass
+acks = replies_before_hangup(sock, OPT_LIST, b"", REP_ACK)
 check(acks == 1024, "option rounds answered before the hang-up: %d (limit 1024)" % acks)
 
 # Unknown INFO names, one after another, get the same treatment.
-c = Conn(sock)
-c.handshake()
-payload = Conn.info_payload("no-such-export")
-c.send(b"".join(struct.pack(">QII", IHAVEOPT, OPT_INFO, len(payload)) + payload
-                for _ in range(1025)))
-errors = 0
-try:
-    while True:
-        _opt, rtype, _data = c.read_option_reply()
-        if rtype == REP_ERR_UNKNOWN:
-            errors += 1
-except (EOFError, ConnectionResetError):
-    pass
+errors = replies_before_hangup(sock, OPT_INFO, Conn.info_payload("no-such-export"),
+                               REP_ERR_UNKNOWN)
 check(errors == 1024, "unknown-export INFO rounds before the hang-up: %d" % errors)
 n = metric(admin, "imagenbd_handshake_timeouts_total")
 check(n == 2, "imagenbd_handshake_timeouts_total = %s, expected 2" % n)
