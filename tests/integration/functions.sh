@@ -367,6 +367,54 @@ wait_imagenbd_exit ()
     [ "$status" -eq 0 ] || fail "imagenbd (pid $pid) exited with status $status, expected 0"
 }
 
+# reload_imagenbd N [PID]: SIGHUP the server (default $imagenbd_pid) and wait until its
+# log has the outcome of the Nth reload ("configuration reloaded" or "reload failed").
+reload_imagenbd ()
+{
+    local n=$1 pid=${2:-$imagenbd_pid} i
+    kill -HUP "$pid"
+    for (( i = 0; i < 150; ++i )); do
+        [ "$(grep -Ec 'configuration reloaded|reload failed' "$imagenbd_log")" -ge "$n" ] && return
+        sleep 0.1
+    done
+    fail "reload $n: no outcome in the log"
+}
+
+# notify_listen SOCKET OUT [SECONDS]: the service manager's notification socket, owned by
+# the test as systemd would own it. Binds SOCKET (a path, or "@name" for an abstract one)
+# and writes the sd_notify datagrams that arrive into OUT, one line each with "|" for
+# their newlines (READY=1|MAINPID=...|STATUS=...), until a STOPPING=1 or SECONDS (60)
+# without one. Returns once it listens; $notify_listener is its pid (wait for it after a
+# stop; cleanup kills it).
+notify_listen ()
+{
+    py3 - "$1" "$2" "${3:-60}" <<'PY' &
+import socket, sys
+path, out = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.bind("\0" + path[1:] if path.startswith("@") else path)
+s.settimeout(float(sys.argv[3]))
+with open(out, "w") as f:
+    f.write("bound\n"); f.flush()
+    while True:
+        try:
+            msg = s.recv(4096).decode()
+        except socket.timeout:
+            break
+        f.write(msg.replace("\n", "|") + "\n"); f.flush()
+        if "STOPPING=1" in msg:
+            break
+PY
+    notify_listener=$!
+    cleanup_fn kill_quietly "$notify_listener"
+    local i
+    for (( i = 0; i < 100; ++i )); do
+        grep -q bound "$2" 2>/dev/null && return
+        sleep 0.1
+    done
+    fail "the notification listener on $1 did not start"
+}
+
 # ---------------------------------------------------------------------------
 # Image helpers shared by the format tests
 

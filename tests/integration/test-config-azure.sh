@@ -30,37 +30,25 @@ write_config "$blob" "$snap"
 must_contain "$tmpdir/check.out" 'OK, 2 exports \(blob, snap\)'
 
 start_imagenbd --config "$cfg"
-pid=$imagenbd_pid
 [ "$(nbdinfo --size "$(nbd_uri blob)")" = 4194304 ] || fail "blob not served"
 io raw "$(nbd_uri blob)" 'read -P 0x5a 0 1M' 'write -P 0x6b 1M 64k' 'flush'
 qemu-io -r -f raw -c 'read -P 0x6b 1M 64k' "$(nbd_uri snap)" | tee "$tmpdir/snap.out"
 must_contain "$tmpdir/snap.out" 'read 65536/65536 bytes'
 ! grep -q 'verification failed' "$tmpdir/snap.out" || fail "snap does not see the blob's data"
 
-# reload N: SIGHUP and wait for the Nth outcome in the log.
-reload ()
-{
-    kill -HUP "$pid"
-    for _ in $(seq 150); do
-        [ "$(grep -Ec 'configuration reloaded|reload failed' "$imagenbd_log")" -ge "$1" ] && return
-        sleep 0.1
-    done
-    fail "reload $1: no outcome in the log"
-}
-
 # A changed writable export of the same blob: refused, the running one stays.
 write_config "$blob"$'\ndescription = "changed"' "$snap"
-reload 1
+reload_imagenbd 1
 must_contain "$imagenbd_log" "reload failed, the previous configuration stays: export 'blob': its settings changed, but the running export holds the blob's lease"
 io raw "$(nbd_uri blob)" 'read -P 0x6b 1M 64k' 'write -P 0x7c 2M 64k'
 
 # Removed: the lease goes back (no client uses it); added back with the new settings.
 write_config "$snap"
-reload 2
+reload_imagenbd 2
 must_contain "$imagenbd_log" 'configuration reloaded: 0 added, 1 removed, 0 changed, 1 unchanged'
 must_contain "$imagenbd_log" "export 'blob' \(removed by a reload\): closed"
 write_config "$blob"$'\ndescription = "changed"' "$snap"
-reload 3
+reload_imagenbd 3
 must_contain "$imagenbd_log" 'configuration reloaded: 1 added, 0 removed, 0 changed, 1 unchanged'
 nbdinfo --list "$(nbd_uri blob)" >"$tmpdir/list.out"
 must_contain "$tmpdir/list.out" 'description: changed'

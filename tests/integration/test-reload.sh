@@ -36,33 +36,11 @@ write_config "$keep" "$gone" "$chg1"
 
 # --- the notification socket, owned by the test (as systemd's) ------------------------------
 notify_out=$tmpdir/notify.out
-py3 - "$sockdir/notify.sock" "$notify_out" <<'PY' &
-import socket, sys
-path, out = sys.argv[1], sys.argv[2]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(path)
-s.settimeout(120)
-with open(out, "w") as f:
-    f.write("bound\n"); f.flush()
-    while True:
-        try:
-            msg = s.recv(4096).decode()
-        except socket.timeout:
-            break
-        # One line per datagram: the first field only (READY=1, RELOADING=1, STOPPING=1).
-        f.write(msg.split("\n")[0] + "\n"); f.flush()
-        if "STOPPING=1" in msg:
-            break
-PY
-listener=$!
-cleanup_fn kill_quietly "$listener"
-for _ in $(seq 100); do grep -q bound "$notify_out" 2>/dev/null && break; sleep 0.1; done
-grep -q bound "$notify_out" || fail "the notification listener did not start"
+notify_listen "$sockdir/notify.sock" "$notify_out" 120
 
 NOTIFY_SOCKET=$sockdir/notify.sock start_imagenbd --config "$cfg"
-pid=$imagenbd_pid
 for _ in $(seq 100); do grep -q READY=1 "$notify_out" && break; sleep 0.1; done
-must_contain "$notify_out" '^READY=1$' "no READY=1 at start"
+must_contain "$notify_out" '^READY=1(\||$)' "no READY=1 at start"
 
 [ "$(nbdinfo --size "$(nbd_uri keep)")" = 4194304 ] || fail "keep not served"
 [ "$(nbdinfo --size "$(nbd_uri gone)")" = 1048576 ] || fail "gone not served"
@@ -119,23 +97,11 @@ wait_rounds ()
 wait_rounds keep 5
 wait_rounds gone 5
 
-# reload: SIGHUP, then wait for the log line of the outcome (the Nth reload).
-reload ()
-{
-    local n=$1
-    kill -HUP "$pid"
-    for _ in $(seq 100); do
-        [ "$(grep -Ec 'configuration reloaded|reload failed' "$imagenbd_log")" -ge "$n" ] && return
-        sleep 0.1
-    done
-    fail "reload $n: no outcome in the log"
-}
-
 # --- reload 1: add new, remove gone, change chg -----------------------------------------
 # (and a [server] setting, which waits for a restart)
 server_extra='idle-timeout = 300'
 write_config "$keep" "$chg2" "$new"
-reload 1
+reload_imagenbd 1
 must_contain "$imagenbd_log" 'configuration reloaded: 1 added, 1 removed, 1 changed, 1 unchanged'
 must_contain "$imagenbd_log" '\[server\] idle-timeout changed: this needs a restart'
 [ "$(nbdinfo --size "$(nbd_uri new)")" = 3145728 ] || fail "the added export is not served"
@@ -169,7 +135,7 @@ wait_rounds gone $(( g + 5 ))
 # --- reload 2: a broken file changes nothing --------------------------------------------------
 cp "$cfg" "$tmpdir/good.toml"
 printf '%s\nreadonly = true\n' "$keep" >"$cfg"
-reload 2
+reload_imagenbd 2
 must_contain "$imagenbd_log" "reload failed, the previous configuration stays: .*imagenbd.toml:4: export 'keep': unknown key 'readonly' \(did you mean 'read-only'\?\)"
 [ "$(nbdinfo --size "$(nbd_uri new)")" = 3145728 ] || fail "new lost by a failed reload"
 [ "$(nbdinfo --size "$(nbd_uri chg)")" = 2097152 ] || fail "chg lost by a failed reload"
@@ -183,7 +149,7 @@ must_contain "$tmpdir/client-gone.log" '^ok [0-9]+' "gone client"
     fail "the removed export was closed while its client was connected"
 # An export that cannot be opened fails the reload as a whole, too.
 write_config "$keep" "$chg2" "$new" $'[[export]]\nname = "broken"\nimage = "../missing.img"'
-reload 3
+reload_imagenbd 3
 must_contain "$imagenbd_log" "reload failed, the previous configuration stays: export 'broken': .*missing.img"
 must_fail "$tmpdir/broken.out" nbdinfo --size "$(nbd_uri broken)"
 must_contain "$imagenbd_log" "export 'gone' \(removed by a reload\): closed"
@@ -199,9 +165,12 @@ must_contain "$tmpdir/client-keep.log" '^ok [0-9]+' "keep client"
 clients=()
 
 # Every reload told the service manager: RELOADING=1, then READY=1.
-[ "$(grep -c '^RELOADING=1$' "$notify_out")" = 3 ] || fail "expected 3 RELOADING=1"
-[ "$(grep -c '^READY=1$' "$notify_out")" = 4 ] || fail "expected 4 READY=1 (start + 3 reloads)"
-grep -E '^(READY|RELOADING)=1$' "$notify_out" | tr '\n' ' ' >"$tmpdir/notify.seq"
+# One line per datagram: its first field only (READY=1, RELOADING=1, STOPPING=1).
+cut -d'|' -f1 "$notify_out" >"$tmpdir/notify.first"
+[ "$(grep -c '^RELOADING=1$' "$tmpdir/notify.first")" = 3 ] || fail "expected 3 RELOADING=1"
+[ "$(grep -c '^READY=1$' "$tmpdir/notify.first")" = 4 ] ||
+    fail "expected 4 READY=1 (start + 3 reloads)"
+grep -E '^(READY|RELOADING)=1$' "$tmpdir/notify.first" | tr '\n' ' ' >"$tmpdir/notify.seq"
 must_contain "$tmpdir/notify.seq" '^READY=1 (RELOADING=1 READY=1 ){3}$' "notify order"
 
 stop_imagenbd

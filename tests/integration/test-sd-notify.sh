@@ -5,35 +5,9 @@
 source "$(dirname "$0")/functions.sh"
 requires timeout nbdinfo
 
-# listen SOCKET OUT: collect datagrams on SOCKET into OUT (one per line, "|" for newlines)
-# until a STOPPING=1 arrives or 30 s pass.
-listen ()
-{
-    py3 - "$1" "$2" <<'PY' &
-import socket, sys
-path, out = sys.argv[1], sys.argv[2]
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind("\0" + path[1:] if path.startswith("@") else path)
-s.settimeout(30)
-with open(out, "w") as f:
-    f.write("bound\n"); f.flush()
-    while True:
-        try:
-            msg = s.recv(4096).decode()
-        except socket.timeout:
-            break
-        f.write(msg.replace("\n", "|") + "\n"); f.flush()
-        if "STOPPING=1" in msg:
-            break
-PY
-    listener=$!
-    for _ in $(seq 100); do grep -q bound "$2" 2>/dev/null && return; sleep 0.1; done
-    fail "the notification listener did not start"
-}
-
 for name in "$sockdir/notify.sock" "@imagenbd-test-$$"; do
     out=$tmpdir/notify-$(echo "$name" | tr -c 'a-z0-9\n' _).out
-    listen "$name" "$out"
+    notify_listen "$name" "$out" 30
     NOTIFY_SOCKET=$name start_imagenbd -x disk memory:1M
     pid=$imagenbd_pid
     for _ in $(seq 100); do grep -q READY=1 "$out" && break; sleep 0.1; done
@@ -42,7 +16,7 @@ for name in "$sockdir/notify.sock" "@imagenbd-test-$$"; do
     # Ready means ready: a client gets served at once.
     [ "$(nbdinfo --size "$(nbd_uri disk)")" = 1048576 ] || fail "$name: not serving when ready"
     stop_imagenbd
-    wait "$listener" || true
+    wait "$notify_listener" || true
     must_contain "$out" "^STOPPING=1\|STATUS=stopping" "$name: no STOPPING=1 on SIGTERM"
     [ "$(grep -c READY=1 "$out")" = 1 ] || fail "$name: READY=1 sent more than once"
 done

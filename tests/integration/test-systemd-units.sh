@@ -89,26 +89,7 @@ EOF
 # ("|" for newlines), until STOPPING=1 or 60 s.
 notify_sock=$sockdir/notify.sock
 notify_out=$tmpdir/notify.out
-py3 - "$notify_sock" "$notify_out" <<'PY' &
-import socket, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(sys.argv[1])
-s.settimeout(60)
-with open(sys.argv[2], "w") as f:
-    f.write("bound\n"); f.flush()
-    while True:
-        try:
-            msg = s.recv(4096).decode()
-        except socket.timeout:
-            break
-        f.write(msg.replace("\n", "|") + "\n"); f.flush()
-        if "STOPPING=1" in msg:
-            break
-PY
-listener=$!
-cleanup_fn kill_quietly "$listener"
-for _ in $(seq 100); do grep -q bound "$notify_out" 2>/dev/null && break; sleep 0.1; done
-grep -q bound "$notify_out" || fail "the notification listener did not start"
+notify_listen "$notify_sock" "$notify_out" 60
 
 tcp_port=$(free_port)
 unit_sock=$sockdir/disks.sock
@@ -149,5 +130,5 @@ must_contain "$notify_out" "^READY=1\|STATUS=configuration reloaded" "READY=1 af
     fail "the export added by the reload is not served"
 
 stop_imagenbd "$service_pid"
-wait "$listener" || :
+wait "$notify_listener" || :
 must_contain "$notify_out" "^STOPPING=1" "STOPPING=1 on SIGTERM"
