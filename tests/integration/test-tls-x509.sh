@@ -26,9 +26,6 @@ head -c $(( 4 * 1024 * 1024 )) /dev/urandom >"$img"
 qemu_tls () { # CLIENT-DIR
     echo "tls-creds-x509,id=tls0,endpoint=client,dir=$tmpdir/$1"
 }
-qemu_nbd () {
-    echo "driver=nbd,host=127.0.0.1,port=$port,export=disk,tls-creds=tls0"
-}
 x509_uri () { # CLIENT-DIR
     echo "nbds://127.0.0.1:$port/disk?tls-certificates=$tmpdir/$1"
 }
@@ -37,19 +34,8 @@ x509_uri () { # CLIENT-DIR
 start_imagenbd_tcp --tls=require --tls-certificates="$tmpdir/server" -x disk "$img"
 must_contain "$imagenbd_log" "X.509 certificate CN=localhost,O=Example" "server log"
 
-qemu-img info --object "$(qemu_tls anon)" --image-opts "$(qemu_nbd)" | tee "$tmpdir/info.out"
-must_contain "$tmpdir/info.out" "virtual size: 4 MiB" "qemu-img info over TLS"
-qemu-img convert --object "$(qemu_tls anon)" --image-opts "$(qemu_nbd)" -O raw "$tmpdir/conv.raw"
-cmp "$img" "$tmpdir/conv.raw" || fail "qemu-img convert over TLS differs from the image"
-
-qemu-io --object "$(qemu_tls anon)" --image-opts "$(qemu_nbd)" \
-    -c 'write -P 0xa7 512k 128k' -c 'read -P 0xa7 512k 128k' -c 'flush' >"$tmpdir/io.out" 2>&1 ||
-    { cat "$tmpdir/io.out"; fail "qemu-io over TLS failed"; }
-cat "$tmpdir/io.out"
-if grep -Ei 'fail|error|pattern' "$tmpdir/io.out"; then fail "qemu-io reported an error"; fi
-cmp <(head -c $(( 128 * 1024 )) /dev/zero | tr '\0' '\247') \
-    <(dd if="$img" bs=1024 skip=512 count=128 status=none) ||
-    fail "the data qemu-io wrote over TLS is not in the image"
+qemu_tls_copy "$(qemu_tls anon)" "$img" TLS
+qemu_tls_io "$(qemu_tls anon)" "$img" 0xa7 512 128 TLS
 
 # TLS 1.2 too (GnuTLS priority string without TLS 1.3).
 qemu-img info --object "$(qemu_tls anon),priority=NORMAL:-VERS-TLS1.3" \

@@ -68,3 +68,40 @@ make_psk ()
     done
     chmod 600 "$file"
 }
+
+# qemu_nbd: qemu's --image-opts for export "disk" of the server on $port, over the TLS
+# credentials object with id tls0 (the --object of qemu_tls_copy and qemu_tls_io).
+qemu_nbd ()
+{
+    echo "driver=nbd,host=127.0.0.1,port=$port,export=disk,tls-creds=tls0"
+}
+
+# qemu_tls_copy OBJECT IMAGE WHAT: with --object OBJECT, qemu-img info gives the size of
+# IMAGE (a whole number of MiB) and qemu-img convert copies it byte for byte. WHAT (e.g.
+# "TLS-PSK") goes in the failure messages.
+qemu_tls_copy ()
+{
+    local object=$1 image=$2 what=$3
+    qemu-img info --object "$object" --image-opts "$(qemu_nbd)" | tee "$tmpdir/info.out"
+    must_contain "$tmpdir/info.out" "virtual size: $(( $(stat -c %s "$image") >> 20 )) MiB" \
+        "qemu-img info over $what"
+    qemu-img convert --object "$object" --image-opts "$(qemu_nbd)" -O raw "$tmpdir/conv.raw"
+    cmp "$image" "$tmpdir/conv.raw" || fail "qemu-img convert over $what differs from the image"
+}
+
+# qemu_tls_io OBJECT IMAGE BYTE OFFSET-KIB LENGTH-KIB WHAT: with --object OBJECT, qemu-io
+# writes BYTE (0x00-0xff) over LENGTH-KIB KiB at OFFSET-KIB, reads it back and flushes
+# without an error, and the bytes are then in IMAGE, the file the server serves.
+qemu_tls_io ()
+{
+    local object=$1 image=$2 byte=$3 offset=$4 length=$5 what=$6
+    qemu-io --object "$object" --image-opts "$(qemu_nbd)" \
+        -c "write -P $byte ${offset}k ${length}k" -c "read -P $byte ${offset}k ${length}k" \
+        -c 'flush' >"$tmpdir/io.out" 2>&1 ||
+        { cat "$tmpdir/io.out"; fail "qemu-io write/read over $what failed"; }
+    cat "$tmpdir/io.out"
+    if grep -Ei 'fail|error|pattern' "$tmpdir/io.out"; then fail "qemu-io reported an error"; fi
+    cmp <(head -c $(( length * 1024 )) /dev/zero | tr '\0' "\\$(printf '%03o' $(( byte )))") \
+        <(dd if="$image" bs=1024 skip="$offset" count="$length" status=none) ||
+        fail "the data qemu-io wrote over $what is not in the image"
+}
