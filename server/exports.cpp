@@ -18,6 +18,7 @@
 #include "backends/s3_leaf.hpp"
 #include "server/blob_tool_common.hpp"
 #include "server/local_parents.hpp"
+#include "server/tool_common.hpp"
 
 namespace imagenbd::server {
 
@@ -208,6 +209,23 @@ void ExportRegistry::add(std::shared_ptr<const Export> e) {
     }
   }
   exports_.push_back(std::move(e));
+}
+
+void final_flush(const Export& e) {
+  const backends::Caps caps = e.device->caps();
+  if (!caps.writable || !caps.flush) return;
+  run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
+    co_await d->flush();
+    co_return 0;
+  }(e.device));
+}
+
+void close_leaf(const Export& e) {
+  if (!e.leaf) return;
+  run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
+    co_await d->close();
+    co_return 0;
+  }(e.leaf));
 }
 
 std::shared_ptr<const Export> ExportRegistry::find(std::string_view name) const {

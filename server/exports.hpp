@@ -61,6 +61,16 @@ struct Export {
 // Opens the image and builds the layer stack for one export.
 boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec);
 
+// The last flush of an export that is let go (at a stop, or removed by a reload), when
+// its stack is writable and can flush; runs to completion here, outside any io_context.
+// Throws what the flush throws.
+void final_flush(const Export& e);
+
+// Gives back what the export holds outside the process (closes its leaf: a blob lease),
+// after the final flush; runs to completion here. Nothing to do without a leaf. Throws
+// what the close throws.
+void close_leaf(const Export& e);
+
 // The Azure credentials an ExportSpec::credentials reference names: "env:VAR" (the
 // variable must be set) or "file:PATH" (read now, trailing newline dropped). The text is
 // a connection string ("AccountName=...;AccountKey=..." or "UseDevelopmentStorage=true")

@@ -69,12 +69,8 @@ Operations:
 // that an immediate restart is not refused by our own lease.
 void close_leaves(const server::ExportRegistry& registry) {
   for (const auto& e : registry.all()) {
-    if (!e->leaf) continue;
     try {
-      server::run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
-        co_await d->close();
-        co_return 0;
-      }(e->leaf));
+      server::close_leaf(*e);
     } catch (const std::exception& ex) {
       log::warn("export '{}': {}", e->name, ex.what());
     }
@@ -150,12 +146,8 @@ int serve(int argc, char** argv) {
   // Every connection flushed what it wrote; flush once more for writes of clients that
   // were cut off by the stop timeout.
   for (const auto& e : registry->all()) {
-    if (!e->device->caps().flush || !e->device->caps().writable) continue;
     try {
-      server::run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
-        co_await d->flush();
-        co_return 0;
-      }(e->device));
+      server::final_flush(*e);
     } catch (const std::exception& ex) {
       log::error("export '{}': final flush failed: {}", e->name, ex.what());
       return 1;

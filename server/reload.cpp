@@ -34,23 +34,13 @@ std::mutex retired_mutex;
 std::vector<std::shared_ptr<const Export>> retired;  // under retired_mutex
 
 void flush_and_close(const Export& e) {
-  const backends::Caps caps = e.device->caps();
-  if (caps.writable && caps.flush) {
-    try {
-      run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
-        co_await d->flush();
-        co_return 0;
-      }(e.device));
-    } catch (const std::exception& ex) {
-      log::error("export '{}' (removed by a reload): final flush failed: {}", e.name, ex.what());
-    }
-  }
-  if (!e.leaf) return;
   try {
-    run_now([](backends::DevicePtr d) -> boost::asio::awaitable<int> {
-      co_await d->close();
-      co_return 0;
-    }(e.leaf));
+    final_flush(e);
+  } catch (const std::exception& ex) {
+    log::error("export '{}' (removed by a reload): final flush failed: {}", e.name, ex.what());
+  }
+  try {
+    close_leaf(e);
   } catch (const std::exception& ex) {
     log::warn("export '{}' (removed by a reload): {}", e.name, ex.what());
   }
