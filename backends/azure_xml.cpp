@@ -8,6 +8,7 @@
 #include <pugixml.hpp>
 
 #include "backends/error.hpp"
+#include "backends/log.hpp"
 
 namespace imagenbd::backends::azure {
 
@@ -24,10 +25,7 @@ pugi::xml_document load(std::string_view xml, std::string_view operation) {
 
 // The quoted value in messages: short and printable.
 std::string shown(std::string_view text) {
-  std::string out;
-  for (char c : text.substr(0, 40)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
-  if (text.size() > 40) out += "...";
-  return out;
+  return log::printable(text, 40);
 }
 
 uint64_t number(const pugi::xml_node& parent, const char* name, std::string_view operation) {

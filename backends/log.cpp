@@ -68,4 +68,11 @@ void write(Level level, std::string_view line) {
   }
 }
 
+std::string printable(std::string_view text, std::size_t limit) {
+  std::string out;
+  for (char c : text.substr(0, limit)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
+  if (text.size() > limit) out += "...";
+  return out;
+}
+
 }  // namespace imagenbd::log

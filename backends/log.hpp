@@ -5,6 +5,8 @@
 #pragma once
 
 #include <atomic>
+#include <cstddef>
+#include <string>
 #include <string_view>
 #include <utility>
 
@@ -22,6 +24,11 @@ struct Settings {
 
 void configure(const Settings& settings);
 void write(Level level, std::string_view line);
+
+// Text from outside (a name a client sent, a value in a server's response) made safe to
+// quote in a log line or an error message: printable ASCII, '?' for any other byte, at
+// most `limit` characters and then "...".
+std::string printable(std::string_view text, std::size_t limit);
 
 namespace detail {
 extern std::atomic<int> max_level;

@@ -40,12 +40,9 @@ int psk_keys_index() {
       });
   return index;
 }
-// A name the client sent, safe to log: printable ASCII, at most 64 characters.
+// A name the client sent, safe to log.
 std::string printable(std::string_view text) {
-  std::string out;
-  for (char c : text.substr(0, 64)) out += (c >= 0x20 && c < 0x7f) ? c : '?';
-  if (text.size() > 64) out += "...";
-  return out;
+  return log::printable(text, 64);
 }
 
 int psk_identity_index() {
