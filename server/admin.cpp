@@ -411,6 +411,28 @@ asio::awaitable<void> AdminServer::Impl::serve(generic::socket accepted, uint64_
   socket->close(ignored);
 }
 
+namespace {
+
+// "127.0.0.1", "[::1]:9109", "localhost:9109": the names a local tool uses for a loopback
+// endpoint. Anything else reaching a loopback port is a browser tricked into it.
+bool loopback_host(std::string_view host) {
+  if (host.starts_with('[')) {
+    const auto close = host.find(']');
+    if (close == std::string_view::npos) return false;
+    const std::string_view rest = host.substr(close + 1);
+    if (!rest.empty() && !rest.starts_with(':')) return false;
+    host = host.substr(1, close - 1);
+  } else {
+    host = host.substr(0, host.find(':'));
+  }
+  if (host == "localhost") return true;
+  boost::system::error_code ec;
+  const auto address = asio::ip::make_address(std::string(host), ec);
+  return !ec && address.is_loopback();
+}
+
+}  // namespace
+
 Response AdminServer::Impl::respond(const Request& request) {
   const std::string_view target = sv(request.target());
   const auto question = target.find('?');
@@ -418,6 +440,18 @@ Response AdminServer::Impl::respond(const Request& request) {
   const std::string_view query =
       question == std::string_view::npos ? std::string_view() : target.substr(question + 1);
   const http::verb method = request.method();
+
+  // The endpoint has no authentication; what keeps web pages out is that browsers always
+  // send Origin on cross-site POSTs and keep the page's Host under DNS rebinding.
+  if (request.count(http::field::origin) > 0) {
+    return json_error(request, http::status::forbidden,
+                      "cross-origin requests are refused (the admin endpoint is for local tools)");
+  }
+  if (unix_path.empty() && !loopback_host(sv(request[http::field::host]))) {
+    return json_error(request, http::status::forbidden,
+                      fmt::format("Host '{}' is refused: use 127.0.0.1, [::1] or localhost",
+                                  sv(request[http::field::host])));
+  }
 
   struct Route {
     std::string_view path;

@@ -207,6 +207,26 @@ must_contain "$imagenbd_log" "admin endpoint on 127.0.0.1:$aport"
 [ "$(ah_status "127.0.0.1:$aport" GET /health)" = 200 ] || fail "TCP admin: /health"
 "$IMAGENBD" stats --admin="127.0.0.1:$aport" >"$tmpdir/stats-tcp.txt"
 must_contain "$tmpdir/stats-tcp.txt" "^export ''"
+# What keeps web pages out of an endpoint without authentication: a foreign Host (DNS
+# rebinding) or any Origin (a cross-site form) is 403; localhost and [::1] forms pass.
+py3 - "$aport" <<'PY' || fail "TCP admin: Host/Origin checks"
+import http.client, sys
+port = int(sys.argv[1])
+def status(headers, method="GET", target="/health"):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.putrequest(method, target, skip_host=True)
+    for k, v in headers.items():
+        c.putheader(k, v)
+    c.endheaders()
+    r = c.getresponse(); r.read(); c.close()
+    return r.status
+assert status({"Host": "localhost:%d" % port}) == 200
+assert status({"Host": "127.0.0.1"}) == 200
+assert status({"Host": "[::1]:%d" % port}) == 200
+assert status({"Host": "evil.example:%d" % port}) == 403, "foreign Host passed"
+assert status({"Host": "127.0.0.1:%d" % port, "Origin": "http://evil.example"},
+              "POST", "/reload") == 403, "cross-origin POST passed"
+PY
 stop_imagenbd
 
 must_fail "$tmpdir/nonloopback.out" "$IMAGENBD" serve -k "$sockdir/x.sock" --admin="0.0.0.0:$aport" memory:1M
