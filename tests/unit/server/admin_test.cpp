@@ -22,6 +22,7 @@
 #include "backends/memory.hpp"
 #include "server/exports.hpp"
 #include "server/metrics.hpp"
+#include "tests/unit/support/temp_dir.hpp"
 
 using namespace imagenbd::server;
 namespace asio = boost::asio;
@@ -29,13 +30,8 @@ using local = asio::local::stream_protocol;
 
 namespace {
 
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    char name[] = "/tmp/imagenbd-admin-test.XXXXXX";
-    path = ::mkdtemp(name);
-  }
-  ~TempDir() { std::filesystem::remove_all(path); }
+struct TempDir : imagenbd::test::TempDir {
+  TempDir() : imagenbd::test::TempDir("imagenbd-admin-test") {}
 };
 
 std::shared_ptr<ExportRegistry> registry_with_disk() {

@@ -11,6 +11,7 @@
 #include <string>
 
 #include "tests/unit/support/serve_args.hpp"
+#include "tests/unit/support/temp_dir.hpp"
 
 namespace fs = std::filesystem;
 using imagenbd::server::apply_config_file;
@@ -20,33 +21,16 @@ using imagenbd::test::parse_serve_args;
 
 namespace {
 
-// A private directory with the config file (and whatever else a test writes), removed at
-// the end.
-struct ConfigDir {
-  fs::path dir;
-  ConfigDir() {
-    std::string templ = (fs::temp_directory_path() / "imagenbd-config-XXXXXX").string();
-    REQUIRE(::mkdtemp(templ.data()) != nullptr);
-    dir = templ;
-  }
-  ~ConfigDir() { fs::remove_all(dir); }
-  std::string write(const std::string& name, const std::string& text) const {
-    std::ofstream(dir / name) << text;
-    return (dir / name).string();
-  }
-  std::string path(const std::string& name) const { return (dir / name).string(); }
+// A private directory with the config file (and whatever else a test writes).
+struct ConfigDir : imagenbd::test::TempDir {
+  ConfigDir() : TempDir("imagenbd-config") {}
 };
 
 // serve --config FILE [ARGS...] with the file applied.
 ServeCommand load(const std::string& file, std::initializer_list<const char*> args = {}) {
-  std::vector<const char*> all{"--config", file.c_str()};
+  std::vector<std::string> all{"--config", file};
   all.insert(all.end(), args.begin(), args.end());
-  std::vector<std::string> storage{"serve"};
-  for (auto a : all) storage.emplace_back(a);
-  std::vector<char*> argv;
-  for (auto& s : storage) argv.push_back(s.data());
-  argv.push_back(nullptr);
-  ServeCommand cmd = imagenbd::server::parse_serve(static_cast<int>(storage.size()), argv.data());
+  ServeCommand cmd = parse_serve_args(all);
   apply_config_file(cmd);
   return cmd;
 }
@@ -254,7 +238,7 @@ readonly = true
   const std::string f18 = d.write("r.toml", "[server]\nthreads = 1\n");
   CHECK(load_error(f18).find("no exports") != std::string::npos);
 
-  CHECK(load_error(d.path("missing.toml")).starts_with("cannot read " + d.path("missing.toml")));
+  CHECK(load_error(d.file("missing.toml")).starts_with("cannot read " + d.file("missing.toml")));
 }
 
 TEST_CASE("config: allow takes CIDR blocks and names the bad one") {
@@ -269,7 +253,7 @@ TEST_CASE("config: allow takes CIDR blocks and names the bad one") {
 
 TEST_CASE("config: relative paths start at the file's directory") {
   ConfigDir d;
-  fs::create_directories(d.dir / "etc");
+  fs::create_directories(d.path / "etc");
   const std::string file = d.write("etc/imagenbd.toml", R"(
 [server]
 listen = ["unix:run/nbd.sock"]
@@ -294,14 +278,14 @@ image = "az://acct/cont/blob"
 credentials = "file:secret"
 )");
   const ServeCommand cmd = load(file);
-  const std::string etc = (fs::absolute(d.dir) / "etc").string();
+  const std::string etc = (fs::absolute(d.path) / "etc").string();
   CHECK(cmd.server.listen.unix_paths == std::vector<std::string>{etc + "/run/nbd.sock"});
   CHECK_FALSE(cmd.server.listen.tcp);
   CHECK(cmd.server.pid_file == etc + "/run/pid");
   CHECK(cmd.server.admin.listen == "unix:" + etc + "/admin.sock");
   CHECK(cmd.server.tls.psk_file == etc + "/keys.psk");
   CHECK(cmd.server.tls.mode == imagenbd::protocol::TlsMode::on);  // credentials alone
-  CHECK(cmd.exports[0].image == (fs::absolute(d.dir) / "images/a.vhd").string());
+  CHECK(cmd.exports[0].image == (fs::absolute(d.path) / "images/a.vhd").string());
   CHECK(cmd.exports[0].parent == etc + "/base.vhd");
   CHECK(cmd.exports[1].image == "file:" + etc + "/b.img");
   CHECK(cmd.exports[2].image == "memory:1G");
@@ -378,17 +362,17 @@ TEST_CASE("config: credentials come from env:VAR or file:PATH, never inline") {
                        doctest::Contains("'IMAGENBD_TEST_CS' is not set"), std::invalid_argument);
 
   d.write("sas", "?sv=2022-11-02&sp=rw&sig=abc%3D\n");
-  const auto sas = resolve_credentials("file:" + d.path("sas"));
+  const auto sas = resolve_credentials("file:" + d.file("sas"));
   CHECK(sas.sas == "sv=2022-11-02&sp=rw&sig=abc%3D");  // '?' and newline dropped
   CHECK(sas.key.empty());
   d.write("cs", "UseDevelopmentStorage=true\r\n");
-  CHECK(resolve_credentials("file:" + d.path("cs")).account == "devstoreaccount1");
+  CHECK(resolve_credentials("file:" + d.file("cs")).account == "devstoreaccount1");
   d.write("bad", "AccountName=acct;AccountKey=not base64!\n");
-  CHECK_THROWS_WITH_AS(resolve_credentials("file:" + d.path("bad")),
-                       doctest::Contains(("(in " + d.path("bad") + ")").c_str()),
+  CHECK_THROWS_WITH_AS(resolve_credentials("file:" + d.file("bad")),
+                       doctest::Contains(("(in " + d.file("bad") + ")").c_str()),
                        std::invalid_argument);
-  CHECK_THROWS_WITH_AS(resolve_credentials("file:" + d.path("nothing")),
-                       doctest::Contains(("cannot read " + d.path("nothing")).c_str()),
+  CHECK_THROWS_WITH_AS(resolve_credentials("file:" + d.file("nothing")),
+                       doctest::Contains(("cannot read " + d.file("nothing")).c_str()),
                        std::invalid_argument);
   CHECK_THROWS_WITH_AS(resolve_credentials("sv=1&sig=2"),
                        "credentials must be env:VAR or file:PATH (never inline)",
@@ -404,7 +388,7 @@ TEST_CASE("check_config_files: local images, parents, TLS and credential files e
       d.write("missing.toml", "[[export]]\nname = \"b\"\nimage = \"b.img\"\n");
   CHECK_THROWS_WITH_AS(
       imagenbd::server::check_config_files(load(missing)),
-      (missing + ": export 'b': " + d.path("b.img") + ": No such file or directory").c_str(),
+      (missing + ": export 'b': " + d.file("b.img") + ": No such file or directory").c_str(),
       ConfigError);
   const std::string tls = d.write("tls.toml",
                                   "[tls]\ncertificates = \"certs\"\n"

@@ -34,6 +34,7 @@
 #include <boost/asio/write.hpp>
 
 #include "server/transport.hpp"
+#include "tests/unit/support/temp_dir.hpp"
 
 namespace {
 
@@ -46,18 +47,9 @@ using imagenbd::server::tls_peer_identity;
 using imagenbd::server::TlsSettings;
 using imagenbd::server::Transport;
 
-// A fresh directory under the system temp dir, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string templ = (fs::temp_directory_path() / "imagenbd-tls-XXXXXX").string();
-    REQUIRE(::mkdtemp(templ.data()) != nullptr);
-    path = templ;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
+// A fresh directory for keys and certificates, removed at the end of the test.
+struct TempDir : imagenbd::test::TempDir {
+  TempDir() : imagenbd::test::TempDir("imagenbd-tls") {}
 };
 
 void write_file(const fs::path& path, const std::string& text) {

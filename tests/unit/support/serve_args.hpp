@@ -1,5 +1,5 @@
 // parse_serve from a list of arguments, for the `serve` command-line tests (cli_test,
-// cli_azure_test).
+// cli_azure_test, config_test).
 #pragma once
 
 #include <initializer_list>
@@ -11,13 +11,15 @@
 namespace imagenbd::test {
 
 // parse_serve of `serve ARGS...`.
-inline server::ServeCommand parse_serve_args(std::initializer_list<const char*> args) {
-  std::vector<std::string> storage{"serve"};
-  storage.insert(storage.end(), args.begin(), args.end());
+inline server::ServeCommand parse_serve_args(std::vector<std::string> args) {
+  args.insert(args.begin(), "serve");
   std::vector<char*> argv;
-  for (auto& s : storage) argv.push_back(s.data());
+  for (auto& s : args) argv.push_back(s.data());
   argv.push_back(nullptr);
-  return server::parse_serve(static_cast<int>(storage.size()), argv.data());
+  return server::parse_serve(static_cast<int>(args.size()), argv.data());
+}
+inline server::ServeCommand parse_serve_args(std::initializer_list<const char*> args) {
+  return parse_serve_args(std::vector<std::string>(args.begin(), args.end()));
 }
 
 // The UsageError's message for `serve ARGS...`, or "no error".
