@@ -158,7 +158,7 @@ int serve(int argc, char** argv) {
   }
   server::close_retired_exports();  // exports a reload removed, still open at the stop
   close_leaves(*registry);
-  log::info(flushed ? "stopped" : "stopped, with failed flushes (see above)");
+  log::info("stopped{}", flushed ? "" : ", with failed flushes (see above)");
   return flushed ? 0 : 1;
 }
 
