@@ -15,6 +15,8 @@ test_packages=(qemu-utils libnbd-bin python3 python3-libnbd fio nbdkit e2fsprogs
 test_packages+=(qemu-system-x86 busybox-static nbd-client kmod util-linux)
 # test-systemd-units: systemd-analyze verify wants ExecReload's /bin/kill.
 test_packages+=(procps)
+# test-http-leaf: a range-capable web server for the http leaf.
+test_packages+=(nginx)
 
 packages=("${build_packages[@]}")
 if [[ "${1:-build}" == test ]]; then packages+=("${test_packages[@]}"); fi
