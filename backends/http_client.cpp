@@ -311,8 +311,14 @@ struct Client::Impl {
     }
     // No "Expect: 100-continue" round trip, and no Content-Type curl would invent (both
     // would also break Shared Key signatures, formats.md 3.3).
-    t.headers = curl_slist_append(t.headers, "Expect:");
-    if (!content_type) t.headers = curl_slist_append(t.headers, "Content-Type:");
+    // libcurl 7.88's SigV4 signs every CURLOPT_HTTPHEADER entry, these removals too (as
+    // empty headers that are never sent: moto refuses the signature); curl adds neither
+    // to a GET or HEAD anyway.
+    const bool bodiless = r.method == "GET" || r.method == "HEAD";
+    if (!(r.aws_sigv4 && bodiless)) {
+      t.headers = curl_slist_append(t.headers, "Expect:");
+      if (!content_type) t.headers = curl_slist_append(t.headers, "Content-Type:");
+    }
 
     const auto size = static_cast<curl_off_t>(r.body.size());
     if (r.method == "GET") {
