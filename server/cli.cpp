@@ -156,6 +156,13 @@ Access control and limits (for every export on the command line):
       --idle-timeout=S       close connections idle (no request) for S seconds
                              (default 0: never)
 
+S3 and HTTP(S), read-only:
+  IMAGE may be s3://BUCKET/KEY (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+  AWS_SESSION_TOKEN, else anonymous; AWS_REGION or AWS_DEFAULT_REGION; an S3-compatible
+  store through AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) or any other http(s):// URL of a
+  server that honours Range requests (one that ignores them is refused). Such exports
+  are read-only; a replaced object makes reads fail instead of mixing versions.
+
 Server:
       --config=FILE          read listeners, TLS, limits and exports from a TOML file
                              (see README); SIGHUP reloads it
