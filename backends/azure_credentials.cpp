@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "backends/error.hpp"
+#include "backends/percent_encode.hpp"
 
 namespace imagenbd::backends::azure {
 
@@ -399,21 +400,7 @@ Credentials credentials_for(const BlobLocation& where, const Credentials& env) {
 }
 
 std::string encode_blob_name(std::string_view name) {
-  static constexpr char hex[] = "0123456789ABCDEF";
-  std::string out;
-  out.reserve(name.size());
-  for (unsigned char c : name) {
-    bool keep = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-                c == '-' || c == '.' || c == '_' || c == '~' || c == '/';
-    if (keep) {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    }
-  }
-  return out;
+  return percent_encode(name, "/");
 }
 
 }  // namespace imagenbd::backends::azure

@@ -12,6 +12,7 @@
 #include <openssl/hmac.h>
 
 #include "backends/error.hpp"
+#include "backends/percent_encode.hpp"
 
 namespace imagenbd::backends::azure {
 
@@ -92,19 +93,7 @@ std::string url_decode(std::string_view s) {
 
 // Percent-encoding for a query value: unreserved characters and ':' kept.
 std::string query_encode(std::string_view s) {
-  static constexpr char hex[] = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' ||
-        c == '.' || c == '_' || c == '~' || c == ':') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    }
-  }
-  return out;
+  return percent_encode(s, ":");
 }
 
 std::vector<unsigned char> base64_decode(std::string_view text) {

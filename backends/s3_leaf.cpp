@@ -1,6 +1,8 @@
 // The S3 leaf (see the header): URI and environment to a signed RangeTarget.
 #include "backends/s3_leaf.hpp"
 
+#include "backends/percent_encode.hpp"
+
 #include <cstdlib>
 
 #include <fmt/format.h>
@@ -17,24 +19,6 @@ constexpr const char* empty_sha256 =
 std::string env(const char* name) {
   const char* v = std::getenv(name);
   return v ? std::string(v) : std::string();
-}
-
-// AWS's URI encoding of an object key: unreserved characters and '/' as they are, the
-// rest %XX (libcurl 7.88 signs the path verbatim, so it must be encoded already).
-std::string encode_key(std::string_view key) {
-  static constexpr char hex[] = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : key) {
-    if ((c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' ||
-        c == '.' || c == '_' || c == '~' || c == '/') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += hex[c >> 4];
-      out += hex[c & 15];
-    }
-  }
-  return out;
 }
 
 struct BucketKey {
@@ -74,7 +58,9 @@ S3Settings s3_settings_from_environment() {
 
 std::string s3_object_url(const std::string& uri, const S3Settings& settings) {
   const BucketKey where = parse_uri(uri);
-  const std::string key = encode_key(where.key);
+  // AWS's URI encoding of a key: '/' kept (libcurl 7.88 signs the path verbatim, so it must
+  // be encoded already).
+  const std::string key = percent_encode(where.key, "/");
   if (!settings.endpoint.empty()) {
     return fmt::format("{}/{}/{}", settings.endpoint, where.bucket, key);
   }
