@@ -40,6 +40,16 @@ struct ExportSpec {
   // (read at open; config files only); "" = the AZURE_STORAGE_* environment as usual.
   std::string credentials;
   AccessRules access;  // --allow, --allow-identity, --max-connections
+  // Remote images (issue 6): a local copy-on-write overlay, a persistent cache with
+  // readahead and a boot profile, and where live snapshots are committed.
+  std::string overlay;       // --overlay FILE: writes stay in this file ("" = none)
+  std::string cache;         // --cache PATH: persistent cache of the leaf's bytes
+  uint64_t cache_size = 0;   // --cache-size: cap of the cached bytes (0 = the image's size)
+  uint32_t cache_chunk = 0;  // --cache-chunk: 0 = the leaf's preferred request, >= 64 KiB
+  bool readahead = true;     // --readahead=off: no adaptive prefetch (needs --cache)
+  std::string boot_profile;  // --boot-profile FILE: record / replay the first reads
+  std::string commit_to;     // --commit-to URI: the private blob live snapshots go to
+                             // when this server holds no lease on the base blob
   bool operator==(const ExportSpec&) const = default;
 };
 
@@ -49,6 +59,10 @@ struct Export {
   backends::DevicePtr device;
   // The bottom of the stack, closed at a clean stop (gives back a blob lease).
   backends::DevicePtr leaf;
+  // With --overlay: the copy-on-write layer (== device) and the image under it (the format
+  // layer, writable only when the base can take commits: a blob whose lease we hold).
+  backends::DevicePtr overlay;
+  backends::DevicePtr lower;
   AccessRules access;
   ExportSpec spec;  // what it was opened from
   std::shared_ptr<ExportMetrics> metrics = std::make_shared<ExportMetrics>();
