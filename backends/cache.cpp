@@ -615,7 +615,9 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   std::chrono::steady_clock::time_point last_save_;  // under save_mutex_
 };
 
-uint32_t choose_chunk_size(const BlockDevice& remote, const CacheOptions& o) {
+}  // namespace
+
+uint32_t cache_chunk_size(const BlockDevice& remote, const CacheOptions& o) {
   if (o.chunk_size == 0) {
     const uint32_t preferred = remote.caps().block_preferred;
     return preferred >= (64u << 10) && std::has_single_bit(preferred) ? preferred : 1u << 20;
@@ -627,12 +629,10 @@ uint32_t choose_chunk_size(const BlockDevice& remote, const CacheOptions& o) {
   return o.chunk_size;
 }
 
-}  // namespace
-
 DevicePtr open_cache(DevicePtr remote, const CacheOptions& options) {
   if (options.path.empty()) fail(std::errc::invalid_argument, "cache: no cache file path given");
   CacheIdentity id{remote->describe(), remote->size(), remote->version_tag(),
-                   choose_chunk_size(*remote, options)};
+                   cache_chunk_size(*remote, options)};
   std::error_code ec;
   auto canonical = std::filesystem::weakly_canonical(options.path, ec);
   const std::string key = ec ? options.path : canonical.string();

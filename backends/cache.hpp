@@ -22,6 +22,11 @@ struct CacheOptions {
   uint32_t save_every_seconds = 5;  // ... or when a chunk arrives this long after the last save
 };
 
+// The chunk size a cache over `remote` with these options uses: options.chunk_size, or
+// the remote's block_preferred if it is a power of two >= 64 KiB, else 1 MiB.
+// @throws Error (EINVAL) for a chunk size that is not a power of two >= 4096.
+uint32_t cache_chunk_size(const BlockDevice& remote, const CacheOptions& options);
+
 // Opens (or creates) the cache at options.path over `remote`. If PATH.meta was saved for
 // another identity (the remote changed: size or version tag; or the chunk size changed), or
 // cannot be read, the cache is discarded with a log line saying why and starts empty.
