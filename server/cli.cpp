@@ -2,6 +2,7 @@
 
 #include <getopt.h>
 
+#include <algorithm>
 #include <charconv>
 #include <optional>
 
@@ -31,6 +32,13 @@ enum LongOnly : int {
   opt_idle_timeout,
   opt_admin,
   opt_config,
+  opt_overlay,
+  opt_cache,
+  opt_cache_size,
+  opt_cache_chunk,
+  opt_readahead,
+  opt_boot_profile,
+  opt_commit_to,
 };
 
 const option long_options[] = {
@@ -51,6 +59,13 @@ const option long_options[] = {
     {"force", no_argument, nullptr, opt_force},
     {"lease-duration", required_argument, nullptr, opt_lease_duration},
     {"retry-deadline", required_argument, nullptr, opt_retry_deadline},
+    {"overlay", required_argument, nullptr, opt_overlay},
+    {"cache", required_argument, nullptr, opt_cache},
+    {"cache-size", required_argument, nullptr, opt_cache_size},
+    {"cache-chunk", required_argument, nullptr, opt_cache_chunk},
+    {"readahead", required_argument, nullptr, opt_readahead},
+    {"boot-profile", required_argument, nullptr, opt_boot_profile},
+    {"commit-to", required_argument, nullptr, opt_commit_to},
     {"threads", required_argument, nullptr, opt_threads},
     {"blocking-threads", required_argument, nullptr, opt_blocking_threads},
     {"pid-file", required_argument, nullptr, opt_pid_file},
@@ -161,7 +176,30 @@ S3 and HTTP(S), read-only:
   AWS_SESSION_TOKEN, else anonymous; AWS_REGION or AWS_DEFAULT_REGION; an S3-compatible
   store through AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) or any other http(s):// URL of a
   server that honours Range requests (one that ignores them is refused). Such exports
-  are read-only; a replaced object makes reads fail instead of mixing versions.
+  are read-only (add --overlay to write); a replaced object makes reads fail instead of
+  mixing versions.
+
+Remote images: local cache and copy-on-write overlay (any IMAGE; made for remote ones):
+      --cache=PATH           keep the bytes fetched from the remote in PATH (a sparse
+                             file, PATH.meta says what it holds); a restart keeps them,
+                             a changed remote object discards them; shared by every
+                             export and connection serving the same object
+      --cache-size=SIZE      cap the cached bytes (e.g. 20G; default: the image's size);
+                             least recently used chunks are evicted
+      --cache-chunk=SIZE     the cache's unit of fetching (a power of two, 64K to 64M;
+                             default: the remote's preferred request size, or 1M)
+      --readahead=on|off     with --cache, prefetch ahead of sequential reads, the window
+                             growing from 64 KiB to 8 MiB per stream (default: on)
+      --boot-profile=FILE    with --cache, record the order in which the image's chunks
+                             are first read after start into FILE; when FILE already
+                             holds the profile of this image and version, prefetch in
+                             that order in the background instead
+      --overlay=FILE         keep every write in FILE (created if missing or empty), a
+                             copy-on-write overlay over the image, which is never written;
+                             survives restarts and crashes (flushed writes are kept)
+      --commit-to=URI        where `imagenbd snapshot --admin=ADDR EXPORT` commits the
+                             overlay when this server holds no lease on the base blob: a
+                             private page blob, cloned from the base at the first commit
 
 Server:
       --config=FILE          read listeners, TLS, limits and exports from a TOML file
@@ -192,6 +230,8 @@ Examples:
   AZURE_STORAGE_CONNECTION_STRING=UseDevelopmentStorage=true \
     imagenbd serve -x disk az://devstoreaccount1/images/disk.vhd
   imagenbd serve --snapshot -x disk az://myaccount/images/disk.vhd
+  imagenbd serve -x disk --cache=/var/cache/imagenbd/disk --cache-size=20G \
+      --overlay=/var/lib/imagenbd/disk.cow s3://images/disk.vhd
 )";
 }
 
@@ -210,6 +250,7 @@ ServeCommand parse_serve(int argc, char** argv) {
   int retry_deadline = 60;
   int verbosity = 0;
   AccessRules access;
+  ExportSpec remote;  // --overlay, --cache* , --readahead, --boot-profile, --commit-to
   bool tls_mode_given = false;
   // Flags that describe the images on the command line (the first one given, for the
   // error when there are none).
@@ -295,6 +336,50 @@ ServeCommand parse_serve(int argc, char** argv) {
       case opt_retry_deadline:
         per_image("--retry-deadline");
         retry_deadline = static_cast<int>(parse_number(arg, "--retry-deadline", 86400));
+        break;
+      case opt_overlay:
+        per_image("--overlay");
+        if (arg.empty()) throw UsageError("--overlay needs a file name");
+        remote.overlay = arg;
+        break;
+      case opt_cache:
+        per_image("--cache");
+        if (arg.empty()) throw UsageError("--cache needs a file name");
+        remote.cache = arg;
+        break;
+      case opt_cache_size:
+      case opt_cache_chunk: {
+        const bool chunk = c == opt_cache_chunk;
+        per_image(chunk ? "--cache-chunk" : "--cache-size");
+        uint64_t bytes = 0;
+        try {
+          bytes = parse_size(arg);
+        } catch (const std::invalid_argument& e) {
+          throw UsageError(std::string(chunk ? "--cache-chunk: " : "--cache-size: ") + e.what());
+        }
+        if (chunk) {
+          remote.cache_chunk = static_cast<uint32_t>(std::min<uint64_t>(bytes, UINT32_MAX));
+        } else {
+          remote.cache_size = bytes;
+        }
+        break;
+      }
+      case opt_readahead:
+        per_image("--readahead");
+        if (arg != "on" && arg != "off") {
+          throw UsageError("invalid --readahead '" + arg + "' (known: on, off)");
+        }
+        remote.readahead = arg == "on";
+        break;
+      case opt_boot_profile:
+        per_image("--boot-profile");
+        if (arg.empty()) throw UsageError("--boot-profile needs a file name");
+        remote.boot_profile = arg;
+        break;
+      case opt_commit_to:
+        per_image("--commit-to");
+        if (arg.empty()) throw UsageError("--commit-to needs a blob URI");
+        remote.commit_to = arg;
         break;
       case opt_threads:
         cmd.server.threads = parse_number(arg, "--threads", 1024);
@@ -461,6 +546,15 @@ ServeCommand parse_serve(int argc, char** argv) {
   if (!parent.empty() && images.size() > 1) {
     throw UsageError("--parent applies to a single image; serve the others separately");
   }
+  if (images.size() > 1 && (!remote.overlay.empty() || !remote.cache.empty() ||
+                            !remote.boot_profile.empty() || !remote.commit_to.empty())) {
+    throw UsageError(
+        "--overlay, --cache, --boot-profile and --commit-to name files of a single image; "
+        "serve the others separately or use a config file");
+  }
+  if (auto problem = remote_options_problem(remote); !problem.empty()) {
+    throw UsageError(problem);
+  }
   if (force && (read_only || !snapshot.empty())) {
     throw UsageError("--force takes over a writer's lease: it cannot go with " +
                      std::string(read_only ? "--read-only" : "--snapshot"));
@@ -484,8 +578,8 @@ ServeCommand parse_serve(int argc, char** argv) {
     if (spec.name.size() > 4096) throw UsageError("export names are limited to 4096 bytes");
     spec.description = description.value_or("");
     spec.format = format;
-    // A snapshot cannot be written.
-    spec.read_only = read_only || !snapshot.empty();
+    // A snapshot cannot be written, except through an overlay.
+    spec.read_only = read_only || (!snapshot.empty() && remote.overlay.empty());
     spec.snapshot = snapshot;
     spec.force = force;
     spec.lease_duration = lease_duration;
@@ -493,6 +587,13 @@ ServeCommand parse_serve(int argc, char** argv) {
     spec.parent = parent;
     spec.vhd_size = vhd_size;
     spec.access = access;
+    spec.overlay = remote.overlay;
+    spec.cache = remote.cache;
+    spec.cache_size = remote.cache_size;
+    spec.cache_chunk = remote.cache_chunk;
+    spec.readahead = remote.readahead;
+    spec.boot_profile = remote.boot_profile;
+    spec.commit_to = remote.commit_to;
     cmd.exports.push_back(std::move(spec));
   }
   return cmd;

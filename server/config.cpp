@@ -183,14 +183,28 @@ constexpr std::string_view server_keys[] = {
     "idle-timeout", "pid-file", "log-level"};
 constexpr std::string_view admin_keys[] = {"listen"};
 constexpr std::string_view tls_keys[] = {"mode", "certificates", "psk-file", "verify-peer"};
-constexpr std::string_view export_keys[] = {"name",           "image",
-                                            "description",    "format",
-                                            "read-only",      "parent",
-                                            "vhd-size",       "snapshot",
-                                            "force",          "lease-duration",
-                                            "retry-deadline", "credentials",
-                                            "allow",          "allow-identities",
-                                            "max-connections"};
+constexpr std::string_view export_keys[] = {"name",
+                                            "image",
+                                            "description",
+                                            "format",
+                                            "read-only",
+                                            "parent",
+                                            "vhd-size",
+                                            "snapshot",
+                                            "force",
+                                            "lease-duration",
+                                            "retry-deadline",
+                                            "credentials",
+                                            "allow",
+                                            "allow-identities",
+                                            "max-connections",
+                                            "overlay",
+                                            "cache",
+                                            "cache-size",
+                                            "cache-chunk",
+                                            "readahead",
+                                            "boot-profile",
+                                            "commit-to"};
 
 // What the file says; nullopt: not set there.
 struct FileSettings {
@@ -429,8 +443,42 @@ ExportSpec parse_export(const Context& ctx, const toml::table& table, std::size_
       s.fail(node, "credentials", "credentials must be env:VAR or file:PATH (never inline)");
     }
   }
-  // A snapshot cannot be written.
-  spec.read_only = read_only || !spec.snapshot.empty();
+  spec.overlay = resolve(ctx, s.string("overlay").value_or(""));
+  spec.cache = resolve(ctx, s.string("cache").value_or(""));
+  for (const std::string_view key : {"cache-size", "cache-chunk"}) {
+    const auto text = s.string(key);
+    if (!text) continue;
+    uint64_t bytes = 0;
+    try {
+      bytes = parse_size(*text);
+    } catch (const std::invalid_argument& e) {
+      s.fail(*s.get(key), key, e.what());
+    }
+    if (key == "cache-size") {
+      spec.cache_size = bytes;
+    } else {
+      spec.cache_chunk = static_cast<uint32_t>(std::min<uint64_t>(bytes, UINT32_MAX));
+    }
+  }
+  spec.readahead = s.boolean("readahead").value_or(true);
+  spec.boot_profile = resolve(ctx, s.string("boot-profile").value_or(""));
+  spec.commit_to = s.string("commit-to").value_or("");
+  // A snapshot cannot be written, except through an overlay.
+  spec.read_only = read_only || (!spec.snapshot.empty() && spec.overlay.empty());
+  if (auto problem = remote_options_problem(spec); !problem.empty()) {
+    // The flags' names become the file's keys.
+    for (auto at = problem.find("--"); at != std::string::npos; at = problem.find("--", at)) {
+      problem.erase(at, 2);
+    }
+    const char* keys[] = {"boot-profile", "cache-size", "cache-chunk",
+                          "commit-to",    "read-only",  "overlay"};
+    const toml::node* node = nullptr;
+    for (const char* key : keys) {
+      if (!node && problem.starts_with(key)) node = s.get(key);
+    }
+    if (node) s.fail_at(node->source(), problem);
+    s.fail_here(problem);
+  }
   if (spec.force && spec.read_only) {
     s.fail(*s.get("force"), "force",
            std::string("takes over a writer's lease: it cannot go with ") +

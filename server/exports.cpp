@@ -1,5 +1,8 @@
 #include "server/exports.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -11,11 +14,15 @@
 
 #include "backends/azure_credentials.hpp"
 #include "backends/azure_page_blob.hpp"
+#include "backends/boot_profile.hpp"
+#include "backends/cache.hpp"
 #include "backends/file.hpp"
 #include "backends/http_leaf.hpp"
 #include "backends/log.hpp"
 #include "backends/memory.hpp"
+#include "backends/readahead.hpp"
 #include "backends/s3_leaf.hpp"
+#include "formats/cow.hpp"
 #include "server/blob_tool_common.hpp"
 #include "server/local_parents.hpp"
 #include "server/tool_common.hpp"
@@ -126,9 +133,79 @@ bool is_sas_url(std::string_view image) {
   return query.find("&sv=") != std::string::npos && query.find("&sig=") != std::string::npos;
 }
 
+// The filters between the leaf and the format: cache, boot profile, readahead.
+backends::DevicePtr stack_cache(const ExportSpec& spec, backends::DevicePtr leaf) {
+  if (spec.cache.empty()) return leaf;
+  backends::CacheOptions cache_options;
+  cache_options.path = spec.cache;
+  cache_options.chunk_size = spec.cache_chunk;
+  cache_options.max_bytes = spec.cache_size;
+  const uint32_t chunk = backends::cache_chunk_size(*leaf, cache_options);
+  backends::DevicePtr device = backends::open_cache(leaf, cache_options);
+  if (!spec.boot_profile.empty()) {
+    backends::BootProfileOptions profile;
+    profile.path = spec.boot_profile;
+    profile.chunk_size = chunk;
+    device = backends::open_boot_profile(device, profile);
+  }
+  if (spec.readahead) {
+    backends::ReadaheadOptions readahead;
+    readahead.min_window = std::max<uint64_t>(readahead.min_window, chunk);
+    readahead.max_window = std::max<uint64_t>(readahead.max_window, chunk);
+    device = backends::open_readahead(device, readahead);
+  }
+  return device;
+}
+
+// Opens the overlay file, making a new overlay in it when it is missing or empty. Made
+// 0600: it holds the disk's written data.
+boost::asio::awaitable<backends::DevicePtr> open_overlay(const ExportSpec& spec,
+                                                         backends::DevicePtr lower,
+                                                         std::string identity) {
+  const int fd = ::open(spec.overlay.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    throw std::invalid_argument("--overlay: cannot open or create " + spec.overlay + ": " +
+                                std::strerror(errno));
+  }
+  struct stat st {};
+  const int stat_result = ::fstat(fd, &st);
+  ::close(fd);
+  backends::DevicePtr file = backends::open_file(spec.overlay, {.read_only = false});
+  if (stat_result == 0 && st.st_size == 0) {
+    formats::CowCreateOptions create{.identity = identity};
+    co_await formats::create_cow(*file, lower->size(), create);
+    log::info("overlay: {}: new overlay over {}", spec.overlay, identity);
+  }
+  formats::CowOptions options{.identity = std::move(identity)};
+  co_return co_await formats::open_cow(lower, file, std::move(options));
+}
+
 }  // namespace
 
+std::string remote_options_problem(const ExportSpec& spec) {
+  if (spec.cache.empty()) {
+    if (!spec.boot_profile.empty()) return "--boot-profile needs --cache=PATH";
+    if (spec.cache_size != 0) return "--cache-size needs --cache=PATH";
+    if (spec.cache_chunk != 0) return "--cache-chunk needs --cache=PATH";
+  }
+  if (spec.overlay.empty() && !spec.commit_to.empty()) {
+    return "--commit-to needs --overlay=FILE (live snapshots commit an overlay's writes)";
+  }
+  if (!spec.overlay.empty() && spec.read_only && spec.snapshot.empty()) {
+    return "--read-only with --overlay: the overlay would never be written (serve the image "
+           "read-only without --overlay, or drop --read-only)";
+  }
+  if (!spec.overlay.empty() && (spec.overlay == spec.cache || spec.overlay == spec.image)) {
+    return "--overlay must name a file of its own, not the image or the cache";
+  }
+  return {};
+}
+
 boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec) {
+  if (auto problem = remote_options_problem(spec); !problem.empty()) {
+    throw std::invalid_argument("export '" + spec.name + "': " + problem);
+  }
+  const bool overlay = !spec.overlay.empty();
   backends::DevicePtr leaf;
   std::string_view image = spec.image;
   // A config file may name the credentials; otherwise they come from the environment.
@@ -157,7 +234,7 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
                                   " contradicts the URI's snapshot " + uri_snapshot);
     }
     backends::AzurePageBlobOptions options;
-    options.read_only = spec.read_only;
+    options.read_only = spec.read_only || (overlay && !spec.snapshot.empty());
     options.snapshot = uri_snapshot.empty() ? spec.snapshot : uri_snapshot;
     options.force = spec.force;
     options.lease_duration = spec.lease_duration;
@@ -176,15 +253,18 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
       backends::HttpOptions options{.range = range};
       leaf = co_await backends::open_http(spec.image, options);
     }
-    if (!spec.read_only) {
-      log::info("{}: {}: serving read-only ({} objects cannot be written)", leaf->name(),
-                leaf->describe(), leaf->name());
+    if (!spec.read_only && !overlay) {
+      log::info(
+          "{}: {}: serving read-only ({} objects cannot be written; --overlay=FILE "
+          "keeps writes locally)",
+          leaf->name(), leaf->describe(), leaf->name());
     }
   } else if (image.starts_with("memory:")) {
     leaf = backends::open_memory(parse_size(image.substr(7)), spec.image);
   } else {
     if (image.starts_with("file:")) image.remove_prefix(5);
-    leaf = backends::open_file(std::string(image), {.read_only = spec.read_only});
+    // Under an overlay a local image is only read.
+    leaf = backends::open_file(std::string(image), {.read_only = spec.read_only || overlay});
   }
   auto e = std::make_shared<Export>();
   e->name = spec.name;
@@ -192,13 +272,26 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
   e->access = spec.access;
   e->spec = spec;
   e->leaf = leaf;
+  backends::DevicePtr below = stack_cache(spec, leaf);
+  // Under an overlay the image is written only by live snapshots, and only when this
+  // server holds the base blob's lease (a writable Azure leaf); else it is opened read-only.
+  const bool image_writable =
+      !spec.read_only && below->caps().writable && (!overlay || (azure && spec.snapshot.empty()));
   // Parents are opened now, once per export; the finder is not needed afterwards.
   const formats::ParentFinder parents = local_parent_finder(spec.parent);
-  e->device =
-      co_await formats::open_image(leaf, {.format = spec.format,
-                                          .read_only = spec.read_only || !leaf->caps().writable,
-                                          .vhd_size = spec.vhd_size,
-                                          .parents = {.finder = &parents}});
+  e->device = co_await formats::open_image(below, {.format = spec.format,
+                                                   .read_only = !image_writable,
+                                                   .vhd_size = spec.vhd_size,
+                                                   .parents = {.finder = &parents}});
+  if (overlay) {
+    // The overlay is tied to the image it was made over: its name and, unless its
+    // changes are ours (we hold the lease and commit into it), its version.
+    std::string identity = leaf->describe();
+    if (!image_writable && !leaf->version_tag().empty()) identity += " @ " + leaf->version_tag();
+    e->lower = e->device;
+    e->device = co_await open_overlay(spec, e->lower, std::move(identity));
+    e->overlay = e->device;
+  }
   co_return e;
 }
 

@@ -72,7 +72,14 @@ struct Export {
   protocol::ExportInfo info() const;
 };
 
-// Opens the image and builds the layer stack for one export.
+// What is wrong with the remote-image settings of a spec taken together (a boot profile
+// without a cache, --commit-to without an overlay, ...), as a message naming the
+// command-line flags, or "" when nothing is.
+std::string remote_options_problem(const ExportSpec& spec);
+
+// Opens the image and builds the layer stack for one export: the leaf, then the cache,
+// boot profile and readahead filters (with spec.cache), the format layer, and the
+// copy-on-write overlay (with spec.overlay).
 boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& spec);
 
 // The last flush of an export that is let go (at a stop, or removed by a reload), when

@@ -270,6 +270,27 @@ std::string render_prometheus(const ServerMetrics& server, const ExportRegistry&
                  load(backends::remote_counters(kind).*r.value));
     }
   }
+
+  // The persistent caches (--cache), summed over every cache in the process.
+  struct Cache {
+    std::string_view name;
+    std::atomic<uint64_t> backends::CacheCounters::*value;
+    std::string_view help;
+  };
+  const Cache cache_counters[] = {
+      {"cache_hits_total", &backends::CacheCounters::hits,
+       "Chunks reads found in the local cache."},
+      {"cache_misses_total", &backends::CacheCounters::misses,
+       "Chunks reads had to wait for from remote storage (remote waits)."},
+      {"cache_evictions_total", &backends::CacheCounters::evictions,
+       "Chunks evicted from the local cache to keep it under its size cap."},
+      {"cache_bytes_fetched_total", &backends::CacheCounters::bytes_fetched,
+       "Bytes the caches fetched from remote storage, prefetches included."},
+  };
+  for (const auto& c : cache_counters) {
+    out.family(c.name, "counter", c.help);
+    out.sample(c.name, "", load(backends::cache_counters().*c.value));
+  }
   return out.take();
 }
 
