@@ -552,9 +552,6 @@ ServeCommand parse_serve(int argc, char** argv) {
         "--overlay, --cache, --boot-profile and --commit-to name files of a single image; "
         "serve the others separately or use a config file");
   }
-  if (auto problem = remote_options_problem(remote); !problem.empty()) {
-    throw UsageError(problem);
-  }
   if (force && (read_only || !snapshot.empty())) {
     throw UsageError("--force takes over a writer's lease: it cannot go with " +
                      std::string(read_only ? "--read-only" : "--snapshot"));
@@ -594,6 +591,7 @@ ServeCommand parse_serve(int argc, char** argv) {
     spec.readahead = remote.readahead;
     spec.boot_profile = remote.boot_profile;
     spec.commit_to = remote.commit_to;
+    if (auto problem = remote_options_problem(spec); !problem.empty()) throw UsageError(problem);
     cmd.exports.push_back(std::move(spec));
   }
   return cmd;
