@@ -186,7 +186,7 @@ Remote images: local cache and copy-on-write overlay (any IMAGE; made for remote
                              export and connection serving the same object
       --cache-size=SIZE      cap the cached bytes (e.g. 20G; default: the image's size);
                              least recently used chunks are evicted
-      --cache-chunk=SIZE     the cache's unit of fetching (a power of two, 64K to 64M;
+      --cache-chunk=SIZE     the cache's unit of fetching (a power of two, at least 4K;
                              default: the remote's preferred request size, or 1M)
       --readahead=on|off     with --cache, prefetch ahead of sequential reads, the window
                              growing from 64 KiB to 8 MiB per stream (default: on)
@@ -195,11 +195,13 @@ Remote images: local cache and copy-on-write overlay (any IMAGE; made for remote
                              holds the profile of this image and version, prefetch in
                              that order in the background instead
       --overlay=FILE         keep every write in FILE (created if missing or empty), a
-                             copy-on-write overlay over the image, which is never written;
-                             survives restarts and crashes (flushed writes are kept)
-      --commit-to=URI        where `imagenbd snapshot --admin=ADDR EXPORT` commits the
-                             overlay when this server holds no lease on the base blob: a
-                             private page blob, cloned from the base at the first commit
+                             copy-on-write overlay over the image, which is only read
+                             (but see --commit-to); survives restarts and crashes
+                             (flushed writes are kept); works over read-only S3/HTTP too
+      --commit-to=URI        live snapshots (`imagenbd snapshot --admin=ADDR EXPORT`)
+                             commit the overlay's writes into the base blob when this
+                             server holds its lease (no -r, no --snapshot), else into
+                             this private page blob, cloned from the base at first use
 
 Server:
       --config=FILE          read listeners, TLS, limits and exports from a TOML file
