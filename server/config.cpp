@@ -560,6 +560,13 @@ FileSettings read_file(const std::string& file) {
           throw ConfigError(fmt::format("{}: export name '{}' is used twice (also at {})", place,
                                         spec.name, out.export_places[i]));
         }
+        // Two copy-on-write layers over one file would allocate the same blocks.
+        if (!spec.overlay.empty() && out.exports[i].overlay == spec.overlay) {
+          throw ConfigError(fmt::format(
+              "{}: export '{}': overlay {} is also the overlay of export '{}' (at {}); each "
+              "export needs its own overlay file",
+              place, spec.name, spec.overlay, out.exports[i].name, out.export_places[i]));
+        }
       }
       out.exports.push_back(std::move(spec));
       out.export_places.push_back(place);
@@ -610,6 +617,13 @@ void apply_config_file(ServeCommand& cmd) {
         throw ConfigError(
             fmt::format("export name '{}' is used twice: in {} and on the command line", spec.name,
                         f.export_places[i]));
+      }
+    }
+    for (std::size_t i = 0; i < f.export_places.size(); ++i) {
+      if (!spec.overlay.empty() && exports[i].overlay == spec.overlay) {
+        throw ConfigError(
+            fmt::format("overlay {} is used twice: by export '{}' in {} and on the command line",
+                        spec.overlay, exports[i].name, f.export_places[i]));
       }
     }
     exports.push_back(std::move(spec));

@@ -1,6 +1,7 @@
 #include "server/exports.hpp"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <cerrno>
@@ -9,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 
@@ -157,21 +160,65 @@ backends::DevicePtr stack_cache(const ExportSpec& spec, backends::DevicePtr leaf
   return device;
 }
 
-// Opens the overlay file, making a new overlay in it when it is missing or empty. Made
-// 0600: it holds the disk's written data.
-boost::asio::awaitable<backends::DevicePtr> open_overlay(const ExportSpec& spec,
-                                                         backends::DevicePtr lower,
-                                                         std::string identity) {
-  const int fd = ::open(spec.overlay.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+// An flock on an overlay file, so that a second imagenbd (or qemu-nbd-like tool that
+// locks) cannot open it beside us: two writers would allocate the same blocks. Within this
+// process one lock per file is shared by the exports that open it (a reload reopening a
+// changed export while the old instance is still alive); the reload refuses to do that
+// while the old one has clients (server/reload.cpp).
+class OverlayLock {
+ public:
+  explicit OverlayLock(int fd) : fd_(fd) {}
+  ~OverlayLock() { ::close(fd_); }
+  OverlayLock(const OverlayLock&) = delete;
+  OverlayLock& operator=(const OverlayLock&) = delete;
+
+ private:
+  int fd_;
+};
+
+std::mutex overlay_locks_mutex;
+std::map<std::pair<dev_t, ino_t>, std::weak_ptr<OverlayLock>> overlay_locks;
+
+// Opens (creating it 0600: it holds the disk's written data) and locks the overlay file.
+// Returns the lock and whether the file is empty.
+std::pair<std::shared_ptr<OverlayLock>, bool> lock_overlay(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
   if (fd < 0) {
-    throw std::invalid_argument("--overlay: cannot open or create " + spec.overlay + ": " +
+    throw std::invalid_argument("--overlay: cannot open or create " + path + ": " +
                                 std::strerror(errno));
   }
   struct stat st {};
-  const int stat_result = ::fstat(fd, &st);
-  ::close(fd);
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw std::invalid_argument("--overlay: " + path + " is not a regular file");
+  }
+  std::lock_guard guard(overlay_locks_mutex);
+  if (auto held = overlay_locks[{st.st_dev, st.st_ino}].lock()) {
+    ::close(fd);
+    return {held, st.st_size == 0};
+  }
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int e = errno;
+    ::close(fd);
+    throw std::invalid_argument(
+        "--overlay: " + path + " is in use by another process (" +
+        (e == EWOULDBLOCK ? std::string("locked") : std::strerror(e)) +
+        "): two servers writing one overlay would corrupt it; stop the other one first");
+  }
+  auto lock = std::make_shared<OverlayLock>(fd);
+  overlay_locks[{st.st_dev, st.st_ino}] = lock;
+  return {lock, st.st_size == 0};
+}
+
+// Opens the overlay file, making a new overlay in it when it is missing or empty.
+boost::asio::awaitable<backends::DevicePtr> open_overlay(const ExportSpec& spec,
+                                                         backends::DevicePtr lower,
+                                                         std::string identity,
+                                                         std::shared_ptr<void>& hold) {
+  auto [lock, empty] = lock_overlay(spec.overlay);
+  hold = lock;
   backends::DevicePtr file = backends::open_file(spec.overlay, {.read_only = false});
-  if (stat_result == 0 && st.st_size == 0) {
+  if (empty) {
     formats::CowCreateOptions create{.identity = identity};
     co_await formats::create_cow(*file, lower->size(), create);
     log::info("overlay: {}: new overlay over {}", spec.overlay, identity);
@@ -289,7 +336,7 @@ boost::asio::awaitable<std::shared_ptr<Export>> open_export(const ExportSpec& sp
     std::string identity = leaf->describe();
     if (!image_writable && !leaf->version_tag().empty()) identity += " @ " + leaf->version_tag();
     e->lower = e->device;
-    e->device = co_await open_overlay(spec, e->lower, std::move(identity));
+    e->device = co_await open_overlay(spec, e->lower, std::move(identity), e->overlay_lock);
     e->overlay = e->device;
   }
   co_return e;

@@ -63,6 +63,7 @@ struct Export {
   // layer, writable only when the base can take commits: a blob whose lease we hold).
   backends::DevicePtr overlay;
   backends::DevicePtr lower;
+  std::shared_ptr<void> overlay_lock;  // the overlay file's flock, while the export lives
   AccessRules access;
   ExportSpec spec;  // what it was opened from
   std::shared_ptr<ExportMetrics> metrics = std::make_shared<ExportMetrics>();

@@ -74,6 +74,8 @@ bool holds_lease(const Export& e) {
 std::shared_ptr<const Export> local_writer_of(const ExportRegistry& current,
                                               const ExportSpec& spec) {
   const auto writes = [&](const Export& e) {
+    // Two copy-on-write layers over one overlay file would allocate the same blocks too.
+    if (!spec.overlay.empty() && e.spec.overlay == spec.overlay) return true;
     return e.spec.image == spec.image && e.leaf && e.leaf->name() == "file" &&
            e.device->caps().writable && e.device->name() != "raw";
   };
@@ -156,7 +158,9 @@ std::string reload_config(Server& server, const ServeCommand& cmd) {
           "opening it a second time now would give the image two writers that corrupt its "
           "block table; reload again once those clients have disconnected (or restart "
           "imagenbd)",
-          spec.name, spec.image, writer->name));
+          spec.name,
+          !spec.overlay.empty() && writer->spec.overlay == spec.overlay ? spec.overlay : spec.image,
+          writer->name));
     }
   }
 

@@ -127,3 +127,27 @@ cache-size = "huge"
   }
   CHECK(error.starts_with(size + ":5: export 'disk': cache-size: invalid size 'huge'"));
 }
+
+TEST_CASE("remote options: two exports cannot share an overlay file") {
+  imagenbd::test::TempDir d("imagenbd-remote-config");
+  const std::string f = d.write("a.toml", R"([[export]]
+name = "a"
+image = "a.img"
+overlay = "x.cow"
+
+[[export]]
+name = "b"
+image = "b.img"
+overlay = "x.cow"
+)");
+  ServeCommand cmd = parse_serve_args(std::vector<std::string>{"--config", f});
+  std::string error = "no error";
+  try {
+    apply_config_file(cmd);
+  } catch (const ConfigError& e) {
+    error = e.what();
+  }
+  CHECK(error == f + ":6: export 'b': overlay " + d.file("x.cow") +
+                     " is also the overlay of export 'a' (at " + f +
+                     ":1); each export needs its own overlay file");
+}
