@@ -155,6 +155,11 @@ std::vector<std::string> export_filter(std::string_view query) {
   return names;
 }
 
+// A JSON string, or null for "" (a setting not given).
+std::string optional_string(const std::string& text) {
+  return text.empty() ? std::string("null") : json_string(text);
+}
+
 std::string exports_json(const ExportRegistry& registry, const std::vector<std::string>& only) {
   std::string out = "{\"exports\":[";
   bool first = true;
@@ -170,19 +175,23 @@ std::string exports_json(const ExportRegistry& registry, const std::vector<std::
     for (const auto& id : e->access.tls_identities) {
       identities += (identities.empty() ? "" : ",") + json_string(id);
     }
-    fmt::format_to(
-        std::back_inserter(out),
-        "{}{{\"name\":{},\"description\":{},\"image\":{},\"format\":{},\"size\":{},"
-        "\"read_only\":{},\"connections\":{},\"connections_total\":{},"
-        "\"connections_refused\":{},\"in_flight\":{},"
-        "\"access\":{{\"allow\":[{}],\"allow_identities\":[{}],\"max_connections\":{}}}}}",
-        first ? "" : ",", json_string(e->name), json_string(e->description),
-        json_string(backends::http::redact(e->spec.image)), json_string(e->device->name()),
-        info.size, (info.flags & protocol::tx_flag::read_only) ? "true" : "false",
-        m.connections.load(std::memory_order_relaxed),
-        m.connections_total.load(std::memory_order_relaxed),
-        m.connections_refused.load(std::memory_order_relaxed),
-        m.in_flight.load(std::memory_order_relaxed), allow, identities, e->access.max_connections);
+    fmt::format_to(std::back_inserter(out),
+                   "{}{{\"name\":{},\"description\":{},\"image\":{},\"format\":{},\"size\":{},"
+                   "\"read_only\":{},\"connections\":{},\"connections_total\":{},"
+                   "\"connections_refused\":{},\"in_flight\":{},"
+                   "\"access\":{{\"allow\":[{}],\"allow_identities\":[{}],\"max_connections\":{}}},"
+                   "\"overlay\":{},\"cache\":{},\"cache_size\":{},\"boot_profile\":{}}}",
+                   first ? "" : ",", json_string(e->name), json_string(e->description),
+                   json_string(backends::http::redact(e->spec.image)),
+                   json_string((e->lower ? e->lower : e->device)->name()), info.size,
+                   (info.flags & protocol::tx_flag::read_only) ? "true" : "false",
+                   m.connections.load(std::memory_order_relaxed),
+                   m.connections_total.load(std::memory_order_relaxed),
+                   m.connections_refused.load(std::memory_order_relaxed),
+                   m.in_flight.load(std::memory_order_relaxed), allow, identities,
+                   e->access.max_connections, optional_string(e->spec.overlay),
+                   optional_string(e->spec.cache), e->spec.cache_size,
+                   optional_string(e->spec.boot_profile));
     first = false;
   }
   out += "]}\n";

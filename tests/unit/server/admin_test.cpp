@@ -204,7 +204,8 @@ TEST_CASE("GET /exports describes every export as JSON") {
         "\"image\":\"memory:1M\",\"format\":\"memory\",\"size\":1048576,\"read_only\":false,"
         "\"connections\":1,\"connections_total\":1,\"connections_refused\":0,"
         "\"in_flight\":0,\"access\":{\"allow\":[\"10.0.0.0/8\",\"::1/128\"],"
-        "\"allow_identities\":[\"alice\"],\"max_connections\":4}}]}\n");
+        "\"allow_identities\":[\"alice\"],\"max_connections\":4},"
+        "\"overlay\":null,\"cache\":null,\"cache_size\":0,\"boot_profile\":null}]}\n");
 }
 
 TEST_CASE("POST /reload: 409 without --config, 200 with the summary, 500 when it fails") {
