@@ -103,12 +103,13 @@ int serve(int argc, char** argv) {
     }
   }
   log::configure(cmd.log);
-  // Stop signals wait until the server can stop gracefully (Server::run unblocks them);
+  // Stop and reload signals wait until the server can handle them (Server::run unblocks them);
   // threads started from here on (the blocking pool, the workers) inherit the block.
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGHUP);  // else a reload signal during start-up would kill us
   ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   if (cmd.blocking_threads) backends::set_blocking_threads(cmd.blocking_threads);
 

@@ -152,6 +152,7 @@ void Server::run() {
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGHUP);
   listeners_ = adopt_activated_listeners(main_);
   if (listeners_.empty()) {
     listeners_ = open_listeners(main_, options_.listen);
