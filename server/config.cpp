@@ -670,6 +670,15 @@ void check_readable(const std::string& file, const std::string& what, const std:
   }
 }
 
+// A file the server writes and creates when missing (an overlay, a cache, a boot
+// profile): read-write if it exists, else its directory must let us create it.
+void check_writable(const std::string& file, const std::string& what, const std::string& path) {
+  if (::access(path.c_str(), F_OK) == 0) return check_readable(file, what, path, R_OK | W_OK);
+  const fs::path dir = fs::path(path).parent_path();
+  check_readable(file, what + " (its directory, to create it)", dir.empty() ? "." : dir.string(),
+                 W_OK | X_OK);
+}
+
 }  // namespace
 
 void check_config_files(const ServeCommand& cmd) {
@@ -677,7 +686,14 @@ void check_config_files(const ServeCommand& cmd) {
     const std::string what = fmt::format("export '{}'", spec.name);
     if (is_local_image(spec.image)) {
       std::string path = spec.image.starts_with("file:") ? spec.image.substr(5) : spec.image;
-      check_readable(cmd.config_file, what, path, spec.read_only ? R_OK : R_OK | W_OK);
+      // Under an overlay the image is only read.
+      const bool written = !spec.read_only && spec.overlay.empty();
+      check_readable(cmd.config_file, what, path, written ? R_OK | W_OK : R_OK);
+    }
+    if (!spec.overlay.empty()) check_writable(cmd.config_file, what + ": overlay", spec.overlay);
+    if (!spec.cache.empty()) check_writable(cmd.config_file, what + ": cache", spec.cache);
+    if (!spec.boot_profile.empty()) {
+      check_writable(cmd.config_file, what + ": boot-profile", spec.boot_profile);
     }
     if (!spec.parent.empty()) check_readable(cmd.config_file, what + ": parent", spec.parent, R_OK);
     if (spec.credentials.starts_with("file:")) {

@@ -151,3 +151,27 @@ overlay = "x.cow"
                      " is also the overlay of export 'a' (at " + f +
                      ":1); each export needs its own overlay file");
 }
+
+TEST_CASE("check_config_files: overlay, cache and profile files can be created or written") {
+  imagenbd::test::TempDir d("imagenbd-remote-config");
+  d.write("base.img", std::string(4096, 'x'));
+  const std::string f = d.write("a.toml", R"([[export]]
+name = "disk"
+image = "base.img"
+overlay = "disk.cow"
+cache = "cache.bin"
+boot-profile = "profile"
+)");
+  ServeCommand cmd = parse_serve_args(std::vector<std::string>{"--config", f});
+  apply_config_file(cmd);
+  CHECK_NOTHROW(imagenbd::server::check_config_files(cmd));
+  cmd.exports[0].overlay = d.file("missing-dir/disk.cow");
+  std::string error = "no error";
+  try {
+    imagenbd::server::check_config_files(cmd);
+  } catch (const ConfigError& e) {
+    error = e.what();
+  }
+  CHECK(error == f + ": export 'disk': overlay (its directory, to create it): " +
+                     d.file("missing-dir") + ": No such file or directory");
+}
