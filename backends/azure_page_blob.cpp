@@ -3,6 +3,10 @@
 // to date by our own Put/Clear Page calls. It is exact only when nobody else can write:
 // a snapshot, or a live blob while we hold its lease. A read-only view of a live blob
 // asks the service every time instead (extents) and reads without skipping holes.
+// Version tag (for the cache): a snapshot's id, which never changes; else the ETag seen at
+// open, which our own Put/Clear Page calls change: flush() after any of them asks the
+// service for the new one (Get Blob Properties), so a cache saved after our flush is
+// valid at the next start.
 #include "backends/azure_page_blob.hpp"
 
 #include <algorithm>
@@ -44,9 +48,10 @@ uint64_t round_up(uint64_t x) {
 
 class AzurePageBlob final : public BlockDevice {
  public:
-  AzurePageBlob(BlobClient blob, uint64_t size, bool writable, bool snapshot,
+  AzurePageBlob(BlobClient blob, uint64_t size, bool writable, bool snapshot, std::string etag,
                 std::unique_ptr<azure::LeaseKeeper> lease, AzurePageBlobOptions options)
-      : blob_(std::move(blob)),
+      : etag_(std::move(etag)),
+        blob_(std::move(blob)),
         size_(size),
         writable_(writable),
         snapshot_(snapshot),
@@ -68,6 +73,11 @@ class AzurePageBlob final : public BlockDevice {
   std::string describe() const override { return blob_.location().display(); }
   uint64_t size() const override { return size_; }
   Caps caps() const override { return caps_; }
+  std::string version_tag() const override {
+    if (snapshot_) return "snapshot " + blob_.location().snapshot;
+    std::lock_guard lock(etag_mutex_);
+    return etag_;
+  }
 
   asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out) override {
     assert(offset + out.size() <= size_);
@@ -147,8 +157,26 @@ class AzurePageBlob final : public BlockDevice {
   }
 
   // Every acknowledged Put Page was durable already; with the lease lost, those writes
-  // still were, so there is nothing to report either.
-  asio::awaitable<void> flush() override { co_return; }
+  // still were, so there is nothing to report either. After writes, the new ETag is
+  // fetched for version_tag(): the count is reset first, so a write that ends during the
+  // request makes the next flush ask again. A failed request leaves the old tag (a cache
+  // saved with it is discarded at the next start) and fails nothing.
+  asio::awaitable<void> flush() override {
+    if (changes_.exchange(0) == 0) co_return;
+    std::string etag, problem;
+    try {
+      etag = (co_await blob_.properties()).etag;
+    } catch (const std::exception& e) {
+      problem = e.what();
+    }
+    if (!problem.empty()) {
+      changes_.fetch_add(1);
+      log::warn("azure: {}: could not learn the ETag after our writes: {}", describe(), problem);
+      co_return;
+    }
+    std::lock_guard lock(etag_mutex_);
+    etag_ = std::move(etag);
+  }
 
   asio::awaitable<void> trim(uint64_t offset, uint64_t length, WriteFlags) override {
     check_writable("trim", offset, length);
@@ -243,6 +271,10 @@ class AzurePageBlob final : public BlockDevice {
   asio::awaitable<void> put_pages(uint64_t offset, std::span<const std::byte> data) {
     azure::PagePutOptions options;
     if (lease_) options.lease_id = lease_->id();
+    // Counted before and after: a Put Page the service applies changes the ETag whether
+    // or not we see its answer.
+    changes_.fetch_add(1);
+    Counted after(changes_);
     for (int attempt = 0;; ++attempt) {
       std::optional<BlobError> refused;
       try {
@@ -261,6 +293,8 @@ class AzurePageBlob final : public BlockDevice {
 
   asio::awaitable<void> clear(uint64_t offset, uint64_t length) {
     const std::string lease_id = lease_ ? lease_->id() : std::string();
+    changes_.fetch_add(1);
+    Counted after(changes_);
     for (uint64_t o = offset; o < offset + length; o += max_clear) {
       const uint64_t n = std::min(max_clear, offset + length - o);
       for (int attempt = 0;; ++attempt) {
@@ -333,6 +367,16 @@ class AzurePageBlob final : public BlockDevice {
     }
   }
 
+  // Adds one to the count of changes when it goes out of scope (however the call ends).
+  struct Counted {
+    explicit Counted(std::atomic<uint64_t>& n) : n_(n) {}
+    ~Counted() { n_.fetch_add(1); }
+    std::atomic<uint64_t>& n_;
+  };
+
+  mutable std::mutex etag_mutex_;
+  std::string etag_;                  // under etag_mutex_
+  std::atomic<uint64_t> changes_{0};  // Put/Clear Page calls since the last ETag learned
   BlobClient blob_;
   const uint64_t size_;
   const bool writable_;
@@ -442,8 +486,8 @@ asio::awaitable<DevicePtr> open_azure_page_blob(std::string uri, AzurePageBlobOp
              snapshot   ? "snapshot, read-only"
              : writable ? "writable, leased"
                         : "read-only");
-  DevicePtr device = std::make_shared<AzurePageBlob>(std::move(blob), props.size, writable,
-                                                     snapshot, std::move(lease), options);
+  DevicePtr device = std::make_shared<AzurePageBlob>(
+      std::move(blob), props.size, writable, snapshot, props.etag, std::move(lease), options);
   co_return device;
 }
 

@@ -7,6 +7,16 @@
 //   failed fetch wakes them with the error and leaves the chunk absent;
 // - eviction claims its victims in the same table, so a chunk is never refetched while its
 //   hole is being punched.
+// - a write (write-through, when the remote is writable) claims the chunks it touches in
+//   the same table, waiting for fetches or evictions of them to end, clears their bits,
+//   writes the remote, then updates the local copy of the chunks it covers whole or that
+//   were present (the rest stay absent) and releases: a fetch never stores bytes older
+//   than a write that has returned.
+// Version tag: a write changes the remote's (an Azure ETag). Saves record the tag the
+// remote reports at the time, read before the bits are snapshotted: every remote write
+// that tag includes cleared its bits before it was sent, so the saved bits never name a
+// chunk older than the tag. A leaf that learns its new tag only later (Azure: at flush)
+// leaves an older tag saved meanwhile: the next start discards the cache, never trusts it.
 // Crash safety: data is pwritten before its bit is set; a save snapshots the bits, then
 // fdatasyncs the data file, then replaces PATH.meta (write, fsync, rename), so the saved
 // bitmap never names a chunk whose data is not on disk; eviction saves the cleared bits
@@ -148,9 +158,13 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
         max_fetch_(std::max<uint64_t>(o.max_fetch, chunk_)),
         last_save_(std::chrono::steady_clock::now()) {
     caps_ = remote_->caps();
-    caps_.writable = caps_.fua = caps_.trim = caps_.zero = caps_.fast_zero = false;
-    caps_.flush = false;
+    // Write-through over a writable remote: its write caps are ours.
+    if (!caps_.writable) {
+      caps_.fua = caps_.trim = caps_.zero = caps_.fast_zero = false;
+      caps_.flush = false;
+    }
     caps_.cache = true;
+    tag_ = id_.version_tag;
   }
 
   ~Cache() override {
@@ -162,7 +176,13 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     ::close(fd_);  // also drops the flock
   }
 
-  const CacheIdentity& identity() const { return id_; }
+  // The identity with the version tag last saved (our own writes change it).
+  CacheIdentity identity() const {
+    std::lock_guard lock(save_mutex_);
+    auto id = id_;
+    id.version_tag = tag_;
+    return id;
+  }
   const std::string& path() const { return path_; }
 
   // Loads PATH.meta if it matches; otherwise discards the local file's contents.
@@ -262,21 +282,30 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     }
   }
 
-  asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in, WriteFlags) override {
-    refuse("write", offset, in.size());
-    co_return;
+  asio::awaitable<void> write(uint64_t offset, std::span<const std::byte> in,
+                              WriteFlags flags) override {
+    if (!caps_.writable) refuse("write", offset, in.size());
+    if (in.empty()) co_return;
+    co_await write_through(Change::write, offset, in.size(), in, flags);
   }
-  asio::awaitable<void> trim(uint64_t offset, uint64_t length, WriteFlags) override {
-    refuse("trim", offset, length);
-    co_return;
+  // Trimmed bytes are whatever the remote says afterwards: the chunks are dropped.
+  asio::awaitable<void> trim(uint64_t offset, uint64_t length, WriteFlags flags) override {
+    if (!caps_.writable) refuse("trim", offset, length);
+    if (length == 0) co_return;
+    const std::span<const std::byte> none;
+    co_await write_through(Change::trim, offset, length, none, flags);
   }
-  asio::awaitable<void> zero(uint64_t offset, uint64_t length, WriteFlags) override {
-    refuse("zero", offset, length);
-    co_return;
+  asio::awaitable<void> zero(uint64_t offset, uint64_t length, WriteFlags flags) override {
+    if (!caps_.writable) refuse("zero", offset, length);
+    if (length == 0) co_return;
+    const std::span<const std::byte> none;
+    co_await write_through(Change::zero, offset, length, none, flags);
   }
 
-  // Saves the bitmap: what the cache fetched so far survives a restart.
+  // Flushes the remote (when writable), then saves the bitmap with the remote's version
+  // tag as it reports it after the flush: what the cache holds survives a restart.
   asio::awaitable<void> flush() override {
+    if (caps_.writable) co_await remote_->flush();
     auto op = offload([this] { save_blocking(); });
     co_await std::move(op);
   }
@@ -302,6 +331,12 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
 
   asio::awaitable<void> close() override { co_await flush(); }
 
+  // fill_cache() (cache.hpp): the missing chunks of the range fetched now, awaited.
+  asio::awaitable<void> fill(uint64_t offset, uint64_t length) {
+    if (length == 0 || offset >= size()) co_return;
+    co_await fetch_missing(offset, std::min(length, size() - offset));
+  }
+
  private:
   uint64_t chunk_start(uint64_t c) const { return c * chunk_; }
   uint64_t chunk_end(uint64_t c) const { return std::min(size(), (c + 1) * chunk_); }
@@ -309,8 +344,100 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
 
   [[noreturn]] void refuse(const char* what, uint64_t offset, uint64_t length) {
     fail(std::errc::operation_not_permitted,
-         "cache: {}: {} of {}+{} refused: the cache is read-only (put a cow overlay above it)",
+         "cache: {}: {} of {}+{} refused: the remote is read-only (put a cow overlay above it)",
          path_, what, offset, length);
+  }
+
+  enum class Change { write, zero, trim };
+
+  // Claims chunk c for a write: waits while someone fetches or evicts it, then takes it and
+  // clears its bit. Returns whether it was present (its local copy is whole and current).
+  // Writes claim in ascending order and reads never wait while holding a claim, so two
+  // writes cannot wait on each other.
+  asio::awaitable<bool> claim_for_write(uint64_t c) {
+    for (;;) {
+      std::shared_ptr<Pending> busy;
+      {
+        auto& s = shard(c);
+        std::unique_lock lock(s.mutex);  // waits for hits of c in the middle of a pread
+        if (auto it = s.pending.find(c); it != s.pending.end()) {
+          busy = it->second;
+        } else {
+          s.pending.emplace(c, std::make_shared<Pending>());
+          const bool was_present = map_.clear_present(c);
+          if (was_present) cached_chunks_.fetch_sub(1, relaxed);
+          co_return was_present;
+        }
+      }
+      try {
+        co_await busy->wait();
+      } catch (const std::exception&) {
+        // A failed fetch left the chunk absent: claim it again.
+      }
+    }
+  }
+
+  // The write path: the remote first, then the local copy of what stays present.
+  asio::awaitable<void> write_through(Change change, uint64_t offset, uint64_t length,
+                                      std::span<const std::byte> in, WriteFlags flags) {
+    assert(offset + length <= size());
+    const uint64_t end = offset + length;
+    std::vector<uint64_t> chunks;
+    std::vector<bool> was_present;
+    for (uint64_t c = offset / chunk_; c <= (end - 1) / chunk_; ++c) {
+      was_present.push_back(co_await claim_for_write(c));
+      chunks.push_back(c);
+    }
+    std::exception_ptr error;
+    try {
+      if (change == Change::write)
+        co_await remote_->write(offset, in, flags);
+      else if (change == Change::zero)
+        co_await remote_->zero(offset, length, flags);
+      else
+        co_await remote_->trim(offset, length, flags);
+    } catch (...) {
+      error = std::current_exception();
+    }
+    // After a failed remote call its bytes are unknown: every claimed chunk stays absent.
+    std::vector<uint64_t> keep;
+    if (!error && change != Change::trim) {
+      auto op = offload([&, this] {
+        std::vector<uint64_t> kept;
+        for (std::size_t i = 0; i < chunks.size(); ++i) {
+          const uint64_t c = chunks[i];
+          const uint64_t from = std::max(offset, chunk_start(c));
+          const uint64_t to = std::min(end, chunk_end(c));
+          const bool whole = from == chunk_start(c) && to == chunk_end(c);
+          if (!was_present[i] && !whole) continue;
+          try {
+            if (change == Change::write)
+              pwrite_all(in.data() + (from - offset), to - from, from);
+            else if (::fallocate(fd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                                 static_cast<off_t>(from), static_cast<off_t>(to - from)) != 0)
+              fail_errno(errno, fmt::format("cache: {}: punching {}+{}", path_, from, to - from));
+            kept.push_back(c);
+          } catch (const std::exception& e) {
+            log::warn("cache: {}: {} (the chunk is fetched again when read)", path_, e.what());
+          }
+        }
+        return kept;
+      });
+      keep = co_await std::move(op);
+    }
+    uint64_t added = 0;
+    for (auto c : chunks) {
+      if (std::binary_search(keep.begin(), keep.end(), c) && map_.set_present(c)) {
+        ++added;
+        map_.touch(c);
+      }
+      release(c, nullptr);
+    }
+    cached_chunks_.fetch_add(added, relaxed);
+    dirty_.store(true, relaxed);
+    if (error) std::rethrow_exception(error);
+    log::data("cache: {}: wrote through {}+{}", path_, offset, length);
+    co_await evict_if_needed();
   }
 
   // Copies the part of chunk c inside [offset, offset + out.size()) from the local file,
@@ -556,9 +683,12 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   void save_locked() {
     unsaved_.store(0, relaxed);
     dirty_.store(false, relaxed);
+    // The tag before the bits (see the head of this file).
+    auto id = id_;
+    id.version_tag = remote_->version_tag();
     const auto words = map_.snapshot();
     if (::fdatasync(fd_) != 0) fail_errno(errno, fmt::format("cache: {}: fdatasync", path_));
-    const auto bytes = encode_cache_meta(id_, words);
+    const auto bytes = encode_cache_meta(id, words);
     const std::string tmp = meta_path_ + ".tmp";
     const int mfd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (mfd < 0) fail_errno(errno, fmt::format("cache: {}: creating {}", path_, tmp));
@@ -582,6 +712,10 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     if (::rename(tmp.c_str(), meta_path_.c_str()) != 0)
       fail_errno(errno, fmt::format("cache: {}: renaming {} to {}", path_, tmp, meta_path_));
     last_save_ = std::chrono::steady_clock::now();
+    if (id.version_tag != tag_) {
+      log::debug("cache: {}: version tag now \"{}\" (was \"{}\")", path_, id.version_tag, tag_);
+      tag_ = std::move(id.version_tag);
+    }
   }
 
   // Empties the cache: the metadata goes first (so a crash in between leaves no bitmap
@@ -613,6 +747,7 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   std::atomic<unsigned> prefetching_{0};
   mutable std::mutex save_mutex_;
   std::chrono::steady_clock::time_point last_save_;  // under save_mutex_
+  std::string tag_;  // the version tag last saved (id_'s at open); under save_mutex_
 };
 
 }  // namespace
@@ -669,6 +804,13 @@ DevicePtr open_cache(DevicePtr remote, const CacheOptions& options) {
   cache->load(static_cast<uint64_t>(st.st_size));
   reg[key] = cache;
   return cache;
+}
+
+asio::awaitable<void> fill_cache(DevicePtr device, uint64_t offset, uint64_t length) {
+  if (auto cache = std::dynamic_pointer_cast<Cache>(device))
+    co_await cache->fill(offset, length);
+  else
+    co_await device->prefetch(offset, length);
 }
 
 }  // namespace imagenbd::backends

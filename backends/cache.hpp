@@ -1,7 +1,9 @@
 // The cache filter: a persistent on-disk copy of a remote leaf's bytes (issue 6 item 1).
 // A sparse local file holds fetched chunks; a present bitmap, saved in PATH.meta with the
-// remote's identity (describe, size, version tag, chunk size), says which. Read-only: the
-// cow overlay sits above it for writes. Cf. nbdkit filters/cache, without its global lock.
+// remote's identity (describe, size, version tag, chunk size), says which. Over a writable
+// remote it writes through (a leased Azure blob, which live snapshots commit into); over a
+// read-only one the cow overlay sits above it for writes. Cf. nbdkit filters/cache, without
+// its global lock.
 #pragma once
 
 #include <cstdint>
@@ -33,12 +35,25 @@ uint32_t cache_chunk_size(const BlockDevice& remote, const CacheOptions& options
 // A process-wide registry shares one cache object per path: opening the same path over a
 // remote of the same identity returns the existing object; another identity is refused
 // (EBUSY). Another process holding the path is refused too (flock).
-// The result: size and caps of the remote (read-only, cache = true); read() serves present
-// chunks from the local file and fetches missing ones (whole chunks; concurrent misses on a
-// chunk fetch it once); prefetch() fetches in the background; flush() and close() save the
-// bitmap; writes, trims and zeroes fail with EPERM.
+// The result: size and caps of the remote (cache = true); read() serves present chunks from
+// the local file and fetches missing ones (whole chunks; concurrent misses on a chunk fetch
+// it once); prefetch() fetches in the background; flush() and close() flush the remote (if
+// writable) and save the bitmap with the remote's version tag as it reports it then.
+// Writes, trims and zeroes go to the remote when it is writable (else EPERM): the chunks
+// they touch wait for fetches of them in flight and are updated locally when the write
+// covers them whole or they were present (zeroes punched), dropped otherwise (trims always):
+// no read that starts after a write returned sees older bytes. A leaf whose version tag our
+// own writes change (Azure's ETag) must report the new one after its flush(), or the next
+// start discards the cache (safe, but cold).
 // @throws Error for bad options or a local file that cannot be opened.
 // @par Thread Safety: the device may be used from any thread concurrently.
 DevicePtr open_cache(DevicePtr remote, const CacheOptions& options);
+
+// Fetches the chunks of [offset, offset + length) that are neither present nor in flight
+// and returns when they are stored (a failure is logged, never thrown). Unlike prefetch(),
+// which returns at once and drops hints beyond prefetch_width, it waits and drops nothing:
+// for background work that paces itself (the boot-profile replay). Not counted as hits or
+// misses. A device that is not from open_cache gets a prefetch() hint instead.
+asio::awaitable<void> fill_cache(DevicePtr device, uint64_t offset, uint64_t length);
 
 }  // namespace imagenbd::backends

@@ -24,6 +24,7 @@
 #include "tests/unit/backends/support/counting_device.hpp"
 #include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/slow_remote.hpp"
 #include "tests/unit/support/temp_dir.hpp"
 
 using namespace imagenbd::backends;
@@ -31,6 +32,7 @@ using imagenbd::test::CountingDevice;
 using imagenbd::test::error_of;
 using imagenbd::test::read;
 using imagenbd::test::run;
+using imagenbd::test::SlowRemote;
 using imagenbd::test::TempDir;
 
 namespace {
@@ -137,7 +139,7 @@ TEST_CASE("cache: the first read fetches once, the second touches nothing remote
   CHECK(remote->bytes_read() == 4 * chunk);
 }
 
-TEST_CASE("cache: writes, trims and zeroes are refused with EPERM") {
+TEST_CASE("cache: over a read-only remote, writes, trims and zeroes are refused with EPERM") {
   TempDir dir("cache");
   auto c = open_cache(remote_over(make_blob(4 * chunk)), options_for(dir));
   const std::vector<std::byte> data(512);
@@ -435,4 +437,198 @@ TEST_CASE("cache: readers on four threads with a small cap all see the remote's 
   CHECK(wrong == 0);
   CHECK(failed == 0);
   CHECK(allocated_bytes(o.path) <= 6 * chunk + 2 * chunk);
+}
+
+namespace {
+
+// A writable slow remote of `size` bytes holding make_blob's pattern.
+std::shared_ptr<SlowRemote> writable_remote(uint64_t size) {
+  auto r = SlowRemote::make(size, true);
+  auto pattern = make_blob(size);
+  std::vector<std::byte> v(size);
+  run(pattern->read(0, v));
+  run(r->bytes().write(0, v, {}));
+  return r;
+}
+
+std::vector<std::byte> pattern_bytes(std::size_t n, int seed) {
+  std::vector<std::byte> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = std::byte(static_cast<uint8_t>(i * 31 + seed));
+  return v;
+}
+
+}  // namespace
+
+TEST_CASE("cache: over a writable remote, writes, zeroes and trims go through and stay coherent") {
+  TempDir dir("cache");
+  auto remote = writable_remote(16 * chunk);
+  auto c = open_cache(remote, options_for(dir));
+  CHECK(c->caps().writable);
+  CHECK(c->caps().flush);
+  CHECK(c->caps().fua);
+  CHECK(c->caps().trim);
+  CHECK(c->caps().zero);
+  CHECK(c->caps().cache);
+  auto& bytes = remote->bytes();
+  // A whole chunk written: the local copy is updated, read back without the remote.
+  auto whole = pattern_bytes(chunk, 1);
+  run(c->write(2 * chunk, whole, {.fua = true}));
+  CHECK(remote->writes() == 1);
+  CHECK(read(bytes, 2 * chunk, chunk) == whole);
+  CHECK(read(*c, 2 * chunk, chunk) == whole);
+  CHECK(remote->reads() == 0);
+  // Part of an absent chunk: dropped locally, fetched (with the new bytes) when read.
+  auto part = pattern_bytes(1000, 2);
+  run(c->write(5 * chunk + 77, part, {}));
+  CHECK(read(*c, 5 * chunk, chunk) == read(bytes, 5 * chunk, chunk));
+  CHECK(read(*c, 5 * chunk + 77, 1000) == part);
+  CHECK(remote->reads() == 1);
+  // Part of a present chunk: patched locally, no fetch.
+  auto part2 = pattern_bytes(3000, 3);
+  run(c->write(5 * chunk + chunk - 1500, part2, {}));  // chunks 5 and 6
+  CHECK(read(*c, 5 * chunk, 2 * chunk) == read(bytes, 5 * chunk, 2 * chunk));
+  CHECK(remote->reads() == 2);  // chunk 6 only
+  // Zeroes: present chunk 2 partly, chunks 3-4 whole (absent: now present as holes).
+  run(c->zero(2 * chunk + 100, 2 * chunk + 50, {}));
+  CHECK(read(*c, 2 * chunk, 3 * chunk) == read(bytes, 2 * chunk, 3 * chunk));
+  CHECK(read(*c, 3 * chunk, 10) == std::vector<std::byte>(10));
+  CHECK(remote->reads() == 3);  // chunk 4 (its last 50 bytes were not zeroed: absent)
+  // A trim drops the chunks: read back whatever the remote says.
+  run(c->trim(5 * chunk, 2 * chunk, {}));
+  CHECK(read(*c, 5 * chunk, 2 * chunk) == read(bytes, 5 * chunk, 2 * chunk));
+  CHECK(remote->reads() == 4);
+  CHECK(read(*c, 0, 16 * chunk) == read(bytes, 0, 16 * chunk));
+}
+
+// The fetch reads the old bytes before the write reaches the remote; without the claim it
+// would store them after the write returned and serve them from then on.
+TEST_CASE("cache: a write racing a fetch of the same chunk waits for it and wins") {
+  TempDir dir("cache");
+  auto remote = writable_remote(8 * chunk);
+  auto c = open_cache(remote, options_for(dir));
+  const auto old_bytes = read(remote->bytes(), 3 * chunk, chunk);
+  auto fresh = pattern_bytes(4096, 9);
+  boost::asio::io_context io;
+  std::vector<std::byte> first(chunk);
+  bool read_done = false, write_done = false;
+  remote->close_gate();
+  boost::asio::co_spawn(io, c->read(3 * chunk, first), [&](std::exception_ptr e) {
+    CHECK(!e);
+    read_done = true;
+  });
+  boost::asio::co_spawn(io, c->write(3 * chunk + 4096, fresh, {}), [&](std::exception_ptr e) {
+    CHECK(!e);
+    write_done = true;
+  });
+  // Let both start: the read waits at the gate, the write waits for the read's fetch.
+  while (remote->reads_at_gate() == 0) io.run_one();
+  for (int i = 0; i < 20; ++i) io.poll();
+  CHECK_FALSE(write_done);
+  CHECK(remote->writes() == 0);
+  remote->open_gate();
+  io.run();
+  CHECK(read_done);
+  CHECK(write_done);
+  CHECK(first == old_bytes);  // the read started first and was served the old bytes
+  CHECK(read(*c, 3 * chunk + 4096, 4096) == fresh);
+  CHECK(read(*c, 3 * chunk, chunk) == read(remote->bytes(), 3 * chunk, chunk));
+}
+
+// Each writer owns interleaved 1000-byte slices (so chunks are shared), writes its slice
+// and reads it back at once: any stale chunk served after a write returned shows. A small
+// cap keeps evictions running meanwhile.
+TEST_CASE("cache: concurrent writers and readers on two threads never see stale bytes") {
+  TempDir dir("cache");
+  constexpr uint32_t small_chunk = 4096 * 4;
+  const uint64_t size = 48 * small_chunk;
+  auto remote = writable_remote(size);
+  remote->set_delay(std::chrono::microseconds(200));
+  auto o = options_for(dir, 8 * small_chunk);
+  o.chunk_size = small_chunk;
+  o.max_fetch = 2 * small_chunk;
+  auto c = open_cache(remote, o);
+  const auto evictions0 = cache_counters().evictions.load();
+  constexpr int workers = 6;
+  constexpr uint64_t slice = 1000;
+  std::atomic<int> stale{0}, failed{0};
+  boost::asio::io_context io;
+  for (int k = 0; k < workers; ++k)
+    boost::asio::co_spawn(
+        io,
+        [&, k]() -> boost::asio::awaitable<void> {
+          std::mt19937_64 r(77 + k);
+          for (int i = 0; i < 100; ++i) {
+            uint64_t s = r() % (size / slice);
+            s = s - s % workers + static_cast<uint64_t>(k);
+            if ((s + 1) * slice > size) continue;
+            const uint64_t at = s * slice + r() % 100;
+            const uint64_t n = 1 + r() % (slice - 100);
+            auto data = pattern_bytes(n, static_cast<int>(r() % 251));
+            if (r() % 5 == 0) {
+              co_await c->zero(at, n, {});
+              std::fill(data.begin(), data.end(), std::byte{0});
+            } else {
+              co_await c->write(at, data, {});
+            }
+            std::vector<std::byte> got(n);
+            co_await c->read(at, got);
+            if (got != data) ++stale;
+            // A read of someone else's area keeps fetches of shared chunks going.
+            std::vector<std::byte> other(1 + r() % (2 * small_chunk));
+            const uint64_t o2 = r() % (size - other.size());
+            co_await c->read(o2, other);
+          }
+        },
+        [&](std::exception_ptr e) {
+          if (e) ++failed;
+        });
+  std::thread helper([&] { io.run(); });
+  io.run();
+  helper.join();
+  CHECK(failed == 0);
+  CHECK(stale == 0);
+  CHECK(cache_counters().evictions.load() > evictions0);
+  CHECK(read(*c, 0, size) == read(remote->bytes(), 0, size));
+}
+
+TEST_CASE("cache: after our own writes, a flush saves the remote's new version tag") {
+  TempDir dir("cache");
+  const auto o = options_for(dir);
+  auto remote = writable_remote(8 * chunk);
+  {
+    auto c = open_cache(remote, o);
+    (void)read(*c, 0, 8 * chunk);
+    auto data = pattern_bytes(chunk + 300, 4);
+    run(c->write(chunk - 100, data, {}));
+    CHECK(remote->version_tag() == "g1");  // like Azure's: the new tag is learnt at flush
+    run(c->close());                       // flush: the remote's, then the bitmap's save
+    CHECK(remote->version_tag() == "g" + std::to_string(remote->generation()));
+  }
+  SUBCASE("a restart keeps the cache") {
+    auto again = remote->reopen();
+    auto c = open_cache(again, o);
+    CHECK(read(*c, 0, 8 * chunk) == read(remote->bytes(), 0, 8 * chunk));
+    CHECK(again->reads() == 0);
+  }
+  SUBCASE("writes after the last flush, then no flush: the next start discards the cache") {
+    {
+      auto c = open_cache(remote, o);
+      auto data = pattern_bytes(100, 5);
+      run(c->write(5, data, {}));
+      c.reset();  // saves at exit with the tag the remote reported: the one before the write
+    }
+    auto again = remote->reopen();
+    auto c = open_cache(again, o);
+    CHECK(read(*c, 0, 8 * chunk) == read(remote->bytes(), 0, 8 * chunk));
+    CHECK(again->reads() > 0);
+  }
+  SUBCASE("another writer changed the object: the next start discards the cache") {
+    auto data = pattern_bytes(chunk, 6);
+    run(remote->bytes().write(0, data, {}));
+    remote->change_behind_our_back();
+    auto again = remote->reopen();
+    auto c = open_cache(again, o);
+    CHECK(read(*c, 0, chunk) == data);
+    CHECK(again->reads() == 1);
+  }
 }
