@@ -15,6 +15,10 @@
 #include <utility>
 #include <vector>
 
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
 #include "backends/cache.hpp"
 #include "backends/memory.hpp"
 #include "backends/remote_metrics.hpp"
@@ -22,6 +26,7 @@
 #include "tests/unit/support/device_helpers.hpp"
 #include "tests/unit/support/recording_device.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/slow_remote.hpp"
 #include "tests/unit/support/temp_dir.hpp"
 
 using namespace imagenbd::backends;
@@ -122,6 +127,31 @@ TEST_CASE("readahead: a sequential read sends far fewer, larger remote reads") {
   CHECK(plain_reads == static_cast<int>(size / chunk));
   CHECK(ra_reads * 4 <= plain_reads);  // 64 vs about 10
   CHECK(ra_bytes == size);             // larger reads, and nothing fetched twice
+}
+
+TEST_CASE("readahead: the read that triggers a prefetch does not wait for it") {
+  auto remote = imagenbd::test::SlowRemote::make(8u << 20, false);
+  TempDir dir;
+  CacheOptions c;
+  c.path = dir.file("cache.img");
+  c.chunk_size = chunk;
+  auto top = open_readahead(open_cache(remote, c), ra_options());
+  run([](DevicePtr d, std::shared_ptr<imagenbd::test::SlowRemote> r) -> asio::awaitable<void> {
+    std::vector<std::byte> buf(io);
+    co_await d->read(0, buf);  // fetches chunk 0
+    r->close_gate();
+    // Continues the run: prefetches the next window, whose remote read stops at the gate;
+    // the read itself (chunk 0, cached) returns anyway.
+    co_await d->read(io, buf);
+    CHECK(readahead_stats(*d).prefetches == 1);
+    asio::steady_timer timer(co_await asio::this_coro::executor);
+    for (int i = 0; i < 1000 && r->reads_at_gate() == 0; ++i) {
+      timer.expires_after(std::chrono::milliseconds(1));
+      co_await timer.async_wait(asio::use_awaitable);
+    }
+    CHECK(r->reads_at_gate() == 1);  // the prefetch, still waiting
+    r->open_gate();
+  }(top, remote));
 }
 
 TEST_CASE("readahead: random reads cause no prefetch storm") {
