@@ -154,7 +154,9 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
         chunk_(id_.chunk_size),
         map_((id_.size + chunk_ - 1) / chunk_),
         shards_(shard_count),
-        max_bytes_(o.max_bytes ? o.max_bytes : id_.size),
+        // Counted in whole chunks: a cap of the remote's size or more (or none) must hold
+        // every chunk, the short last one included, without evicting.
+        max_bytes_(o.max_bytes && o.max_bytes < id_.size ? o.max_bytes : map_.chunks() * chunk_),
         max_fetch_(std::max<uint64_t>(o.max_fetch, chunk_)),
         last_save_(std::chrono::steady_clock::now()) {
     caps_ = remote_->caps();
@@ -218,6 +220,7 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
                             id_.size);
         } else {
           map_.load(d.words);
+          punch_absent();
         }
       }
     }
@@ -658,6 +661,32 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
       log::warn("cache: {}: eviction failed: {}", path_, e.what());
     }
     co_return progress;
+  }
+
+  // Punches the data of chunks the loaded bitmap does not name: a killed process leaves
+  // chunks stored after its last save, which nothing would ever evict (they are not
+  // counted), so the file would outgrow the cap restart after restart. Only the file's
+  // data extents are visited (SEEK_DATA). Best effort: a failure is logged.
+  void punch_absent() {
+    const auto size = static_cast<off_t>(id_.size);
+    off_t at = 0;
+    while (at < size) {
+      const off_t data = ::lseek(fd_, at, SEEK_DATA);
+      if (data < 0) break;  // ENXIO: no data after `at`
+      off_t hole = ::lseek(fd_, data, SEEK_HOLE);
+      if (hole < 0) hole = size;
+      for (uint64_t c = static_cast<uint64_t>(data) / chunk_;
+           c < map_.chunks() && chunk_start(c) < static_cast<uint64_t>(hole); ++c) {
+        if (map_.present(c)) continue;
+        try {
+          punch(c);
+        } catch (const std::exception& e) {
+          log::warn("cache: {}: {}", path_, e.what());
+          return;
+        }
+      }
+      at = hole;
+    }
   }
 
   void punch(uint64_t c) {

@@ -632,3 +632,44 @@ TEST_CASE("cache: after our own writes, a flush saves the remote's new version t
     CHECK(again->reads() == 1);
   }
 }
+
+TEST_CASE("cache: without a cap, a short last chunk does not make it evict") {
+  TempDir dir("cache");
+  const uint64_t size = 8 * chunk + 4608;  // 9 chunks, the last one short
+  auto blob = make_blob(size);
+  const auto evictions0 = cache_counters().evictions.load();
+  {
+    auto c = open_cache(remote_over(blob), options_for(dir));
+    CHECK(read(*c, 0, size) == read(*blob, 0, size));
+    run(c->close());
+  }
+  CHECK(cache_counters().evictions.load() == evictions0);
+  auto remote = remote_over(blob);
+  auto c = open_cache(remote, options_for(dir));
+  CHECK(read(*c, 0, size) == read(*blob, 0, size));
+  CHECK(remote->reads() == 0);
+}
+
+// A killed process leaves chunks it stored after its last save; the next open punches them.
+TEST_CASE("cache: data of chunks the saved bitmap does not name is punched at open") {
+  TempDir dir("cache");
+  auto blob = make_blob(8 * chunk);
+  const auto o = options_for(dir);
+  {
+    auto c = open_cache(remote_over(blob), o);
+    (void)read(*c, 0, 2 * chunk);
+    run(c->close());
+  }
+  {
+    std::fstream f(o.path, std::ios::in | std::ios::out | std::ios::binary);
+    const std::vector<char> junk(chunk, 'x');
+    f.seekp(5 * chunk);
+    f.write(junk.data(), static_cast<std::streamsize>(junk.size()));
+  }
+  REQUIRE(allocated_bytes(o.path) >= 3 * chunk);
+  auto remote = remote_over(blob);
+  auto c = open_cache(remote, o);
+  CHECK(allocated_bytes(o.path) <= 2 * chunk + 4096);
+  CHECK(read(*c, 0, 8 * chunk) == read(*blob, 0, 8 * chunk));
+  CHECK(remote->reads() == 1);  // chunks 2 to 7, chunk 5 included
+}
