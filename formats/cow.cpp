@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -30,7 +31,7 @@ constexpr uint64_t map_read_chunk = 4u << 20;  // map bytes per read at open
 constexpr uint64_t grow_step = 8u << 20;       // the file grows by at least this much
 constexpr uint32_t max_request = 32u << 20;
 
-class Cow final : public backends::BlockDevice {
+class Cow final : public CowDevice {
  public:
   Cow(DevicePtr lower, DevicePtr overlay, cow::Layout layout, std::vector<uint64_t> entries,
       cow::MapUse use, uint64_t file_size)
@@ -42,8 +43,15 @@ class Cow final : public backends::BlockDevice {
         locks_(std::make_unique<AsyncMutex[]>(stripes)),
         free_(std::move(use.free_blocks)),
         next_free_(use.data_end),
-        file_size_(file_size) {
-    for (uint64_t i = 0; i < layout_.blocks; ++i) map_[i].store(disk_map_[i]);
+        file_size_(file_size),
+        words_((layout.blocks + 63) / 64) {
+    for (auto& set : changed_) set = std::make_unique<std::atomic<uint64_t>[]>(words_);
+    // The changed set is not kept in the file: after a restart every block held here is
+    // committed again (idempotent), so nothing written before the restart is missed.
+    for (uint64_t i = 0; i < layout_.blocks; ++i) {
+      map_[i].store(disk_map_[i]);
+      if (disk_map_[i] != cow::entry_absent) set_bit(changed_[0], i);
+    }
     caps_.writable = caps_.flush = caps_.fua = caps_.trim = caps_.zero = true;
     caps_.fast_zero = true;  // whole blocks only; partial ones refuse (ENOTSUP)
     caps_.extents = true;
@@ -158,6 +166,77 @@ class Cow final : public backends::BlockDevice {
     co_return out;
   }
 
+  // Every block lock at once (stripe order, the only place that holds more than one, so no
+  // deadlock): no block operation is half-way while they are held.
+  asio::awaitable<std::vector<AsyncMutex::Guard>> lock_all() {
+    std::vector<AsyncMutex::Guard> all;
+    all.reserve(stripes);
+    for (std::size_t i = 0; i < stripes; ++i) all.push_back(co_await locks_[i].scoped());
+    co_return all;
+  }
+
+  asio::awaitable<std::vector<uint64_t>> begin_commit() override {
+    if (committing_.exchange(true))
+      fail(std::errc::device_or_resource_busy,
+           "cow: {}: a commit is running already (one at a time)", describe());
+    {
+      auto all = co_await lock_all();
+      generation_.fetch_add(1);
+      capturing_.store(true);
+    }
+    // The captured set is stable now: writers mark the other one.
+    const auto& captured = changed_[(generation_.load() & 1) ^ 1];
+    std::vector<uint64_t> blocks;
+    for (uint64_t w = 0; w < words_; ++w) {
+      for (uint64_t bits = captured[w].load(); bits != 0; bits &= bits - 1)
+        blocks.push_back(w * 64 + static_cast<uint64_t>(__builtin_ctzll(bits)));
+    }
+    co_return blocks;
+  }
+
+  asio::awaitable<bool> read_commit(uint64_t index, std::span<std::byte> out) override {
+    auto guard = co_await lock(index).scoped();
+    uint64_t e = map_[index].load();
+    {
+      std::lock_guard lock(meta_);
+      if (auto it = replaced_.find(index); it != replaced_.end()) e = it->second;
+    }
+    if (cow::is_data(e)) {
+      co_await overlay_->read(e, out);
+      co_return false;
+    }
+    if (e == cow::entry_zero) {
+      std::fill(out.begin(), out.end(), std::byte{0});
+      co_return true;
+    }
+    // Never captured (changed blocks are data or zero); read what the disk shows.
+    co_await read_lower(index * layout_.block_size, out);
+    co_return false;
+  }
+
+  asio::awaitable<void> end_commit(bool success) override {
+    {
+      auto all = co_await lock_all();
+      capturing_.store(false);
+      auto& captured = changed_[(generation_.load() & 1) ^ 1];
+      auto& current = changed_[generation_.load() & 1];
+      for (uint64_t w = 0; w < words_; ++w) {
+        const uint64_t bits = captured[w].exchange(0);
+        if (!success && bits != 0) current[w].fetch_or(bits);
+      }
+      // The captured data that writes replaced: given up like any replaced block, so it
+      // is reused only after the flush that writes (or wrote) the new entries.
+      std::lock_guard lock(meta_);
+      for (const auto& [index, entry] : replaced_)
+        if (cow::is_data(entry)) pending_free_.push_back(entry);
+      replaced_.clear();
+    }
+    committing_.store(false);
+  }
+
+  uint32_t block_size() const override { return layout_.block_size; }
+  uint32_t block_bytes(uint64_t index) const override { return layout_.block_bytes(index); }
+
   // Only what the lower disk would serve is worth fetching early.
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     if (!lower_->caps().cache) co_return;
@@ -195,6 +274,26 @@ class Cow final : public backends::BlockDevice {
 
   AsyncMutex& lock(uint64_t index) { return locks_[index % stripes]; }
 
+  static void set_bit(const std::unique_ptr<std::atomic<uint64_t>[]>& set, uint64_t index) {
+    set[index / 64].fetch_or(uint64_t{1} << (index % 64));
+  }
+  static bool test_bit(const std::unique_ptr<std::atomic<uint64_t>[]>& set, uint64_t index) {
+    return (set[index / 64].load() >> (index % 64)) & 1;
+  }
+
+  // The rest run under the block's lock: generation_ and capturing_ change only while
+  // every block lock is held, so they are stable there.
+  void mark_changed(uint64_t index) { set_bit(changed_[generation_.load() & 1], index); }
+  bool captured(uint64_t index) const {
+    return capturing_.load() && test_bit(changed_[(generation_.load() & 1) ^ 1], index);
+  }
+  // A captured block still at its captured place must not be written in place.
+  bool must_copy(uint64_t index) {
+    if (!captured(index)) return false;
+    std::lock_guard lock(meta_);
+    return !replaced_.contains(index);
+  }
+
   asio::awaitable<void> read_lower(uint64_t offset, std::span<std::byte> out) {
     for (std::size_t done = 0; done < out.size();) {
       const std::size_t n = std::min<std::size_t>(lower_max_, out.size() - done);
@@ -207,12 +306,16 @@ class Cow final : public backends::BlockDevice {
   asio::awaitable<void> write_piece(const Piece& p, std::span<const std::byte> in) {
     auto guard = co_await lock(p.index).scoped();
     const uint64_t e = map_[p.index].load();
-    if (cow::is_data(e)) {
+    const bool copy = cow::is_data(e) && must_copy(p.index);
+    if (cow::is_data(e) && !copy) {
       co_await overlay_->write(e + p.in_block, in, {});
+      mark_changed(p.index);
       co_return;
     }
     std::vector<std::byte> block(layout_.block_bytes(p.index));
-    if (!p.whole && e == cow::entry_absent)
+    if (!p.whole && copy)
+      co_await overlay_->read(e, block);  // a commit reads the captured data still
+    else if (!p.whole && e == cow::entry_absent)
       co_await read_lower(p.index * layout_.block_size, block);
     std::memcpy(block.data() + p.in_block, in.data(), in.size());
     co_await write_new_block(p.index, block);
@@ -225,11 +328,15 @@ class Cow final : public backends::BlockDevice {
     publish(index, at);
   }
 
-  // Sets a block's entry in memory; flush() writes it. The old data block is given up.
+  // Sets a block's entry in memory; flush() writes it. The old data block is given up,
+  // unless a running commit captured it: then it stays until end_commit().
   void publish(uint64_t index, uint64_t entry) {
     const uint64_t old = map_[index].exchange(entry);
+    const bool keep = captured(index);
+    mark_changed(index);
     std::lock_guard lock(meta_);
     dirty_.push_back(index);
+    if (keep && replaced_.emplace(index, old).second) return;
     if (cow::is_data(old)) pending_free_.push_back(old);
   }
 
@@ -283,13 +390,18 @@ class Cow final : public backends::BlockDevice {
     auto guard = co_await lock(p.index).scoped();
     const uint64_t e = map_[p.index].load();
     if (e == cow::entry_zero) co_return;
+    const bool copy = cow::is_data(e) && must_copy(p.index);
     if (p.whole) {
       publish(p.index, cow::entry_zero);
-    } else if (cow::is_data(e)) {
+    } else if (cow::is_data(e) && !copy) {
       co_await overlay_->zero(e + p.in_block, p.length, {});
+      mark_changed(p.index);
     } else {
       std::vector<std::byte> block(layout_.block_bytes(p.index));
-      co_await read_lower(p.index * layout_.block_size, block);
+      if (copy)
+        co_await overlay_->read(e, block);
+      else
+        co_await read_lower(p.index * layout_.block_size, block);
       std::fill_n(block.begin() + p.in_block, p.length, std::byte{0});
       co_await write_new_block(p.index, block);
     }
@@ -330,6 +442,16 @@ class Cow final : public backends::BlockDevice {
   std::vector<uint64_t> free_;          // blocks no entry on disk points at
   uint64_t next_free_;
   uint64_t file_size_;
+  // Commits: changed_[generation_ & 1] collects the blocks changed in this generation;
+  // while a commit runs, the other set is what it captured (nobody marks it then).
+  uint64_t words_;
+  std::unique_ptr<std::atomic<uint64_t>[]> changed_[2];
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> capturing_{false};  // writes must copy captured blocks
+  std::atomic<bool> committing_{false};
+  // Captured blocks a write has replaced since begin_commit: their captured entry (data
+  // kept reserved, or zero). Under meta_.
+  std::unordered_map<uint64_t, uint64_t> replaced_;
 };
 
 }  // namespace
