@@ -13,6 +13,10 @@
 #include <functional>
 #include <random>
 
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
 #include "backends/azure_signing.hpp"
 #include "backends/http_status.hpp"
 #include "backends/log.hpp"
@@ -235,7 +239,54 @@ asio::awaitable<BlobProperties> BlobClient::properties() {
   p.lease_state = header_or_empty(r, "x-ms-lease-state");
   p.lease_duration = header_or_empty(r, "x-ms-lease-duration");
   p.sequence_number = parse_u64(r.header("x-ms-blob-sequence-number"));
+  p.copy_status = header_or_empty(r, "x-ms-copy-status");
+  p.copy_status_description = header_or_empty(r, "x-ms-copy-status-description");
+  for (const http::Header& h : r.headers) {
+    if (h.name.starts_with("x-ms-meta-")) p.metadata.emplace_back(h.name.substr(10), h.value);
+  }
   co_return p;
+}
+
+const std::string* BlobProperties::meta(std::string_view name) const {
+  for (const auto& [key, value] : metadata) {
+    if (key == name) return &value;
+  }
+  return nullptr;
+}
+
+std::string BlobClient::copy_source_url() const {
+  std::string url = where_.url();
+  std::string query;
+  if (!where_.snapshot.empty()) query = "snapshot=" + encode_query_value(where_.snapshot);
+  if (!credentials_.sas.empty()) query += (query.empty() ? "" : "&") + credentials_.sas;
+  return query.empty() ? url : url + "?" + query;
+}
+
+asio::awaitable<void> BlobClient::copy_from(
+    const std::string& source_url, const std::vector<std::pair<std::string, std::string>>& metadata,
+    std::chrono::milliseconds poll_interval) {
+  refuse_snapshot_write(where_);
+  http::Request request;
+  request.method = "PUT";
+  request.url = blob_url("", false);
+  add(request, "x-ms-copy-source", source_url);
+  for (const auto& [name, value] : metadata) add(request, "x-ms-meta-" + name, value);
+  // Idempotent: a repeated copy of the same source gives the same blob.
+  const http::Response r = co_await perform_expecting("Copy Blob", request, 202);
+  std::string status = header_or_empty(r, "x-ms-copy-status");
+  std::string description;
+  asio::steady_timer timer(co_await asio::this_coro::executor);
+  while (status == "pending") {
+    timer.expires_after(poll_interval);
+    co_await timer.async_wait(asio::use_awaitable);
+    const BlobProperties p = co_await properties();
+    status = p.copy_status;
+    description = p.copy_status_description;
+  }
+  if (status != "success") {
+    fail(std::errc::io_error, "azure: {}: Copy Blob: the copy ended {} ({})", where_.display(),
+         status.empty() ? "without a status" : status, description);
+  }
 }
 
 asio::awaitable<void> BlobClient::read(uint64_t offset, std::span<std::byte> out,

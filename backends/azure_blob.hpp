@@ -3,6 +3,7 @@
 // happen here, so the page-blob leaf and the blob tools deal only in bytes and leases.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -49,6 +50,13 @@ struct BlobProperties {
   std::string lease_state;     // available, leased, expired, breaking, broken
   std::string lease_duration;  // infinite, fixed, ""
   uint64_t sequence_number = 0;
+  std::string copy_status;  // x-ms-copy-status of a Copy Blob's destination: pending,
+                            // success, aborted, failed; "" for a blob never copied
+  std::string copy_status_description;
+  // x-ms-meta-NAME headers: (NAME lowercased, value), in the order received.
+  std::vector<std::pair<std::string, std::string>> metadata;
+  // The value of metadata NAME (lowercase), or nullptr.
+  const std::string* meta(std::string_view name) const;
 };
 
 struct PagePutOptions {
@@ -92,6 +100,19 @@ class BlobClient {
   asio::awaitable<void> put_block(const std::string& block_id, std::span<const std::byte> data,
                                   bool content_md5);
   asio::awaitable<void> put_block_list(const std::vector<std::string>& block_ids);
+
+  // Copy Blob into this blob from source_url (another blob's copy_source_url()), with
+  // these metadata (x-ms-meta-NAME: names are C# identifiers, values plain ASCII), then
+  // polls Get Blob Properties every poll_interval until the copy is no longer pending
+  // (Azurite copies within an account at once; Azure may take minutes). A copy that ends
+  // failed or aborted is Error(EIO) with the service's description.
+  asio::awaitable<void> copy_from(
+      const std::string& source_url,
+      const std::vector<std::pair<std::string, std::string>>& metadata,
+      std::chrono::milliseconds poll_interval = std::chrono::seconds(1));
+  // The URL a Copy Blob reads this blob (or its snapshot) from: with the snapshot and the
+  // SAS we sign with, if any (a Shared Key authorises a copy within its own account).
+  std::string copy_source_url() const;
 
   // Snapshot Blob: returns the snapshot's timestamp (x-ms-snapshot). Not retried (a retry
   // after a lost answer would make a second snapshot).

@@ -34,6 +34,7 @@
 #include "backends/http_status.hpp"
 #include "backends/log.hpp"
 #include "protocol/wire.hpp"
+#include "server/commit.hpp"
 #include "server/exports.hpp"
 #include "server/metrics.hpp"
 #include "server/tool_common.hpp"
@@ -206,6 +207,9 @@ struct AdminServer::Impl : std::enable_shared_from_this<Impl> {
 
   asio::awaitable<void> accept_loop();
   asio::awaitable<void> serve(generic::socket socket, uint64_t id);
+  asio::awaitable<Response> respond_async(const Request& request);
+  asio::awaitable<Response> respond_snapshot_post(const Request& request, std::string name);
+  std::optional<Response> refuse_cross_site(const Request& request) const;
   Response respond(const Request& request);
   Response respond_reload(const Request& request);
   void close();
@@ -219,6 +223,7 @@ struct AdminServer::Impl : std::enable_shared_from_this<Impl> {
   uint64_t next_id = 0;
   // The open connections' sockets, for close(); each coroutine removes its own.
   std::unordered_map<uint64_t, std::weak_ptr<generic::socket>> connections;
+  Commits commits;  // live snapshots of the exports
 };
 
 AdminServer::AdminServer(asio::io_context& context, const AdminSettings& settings, AdminHooks hooks,
@@ -389,7 +394,7 @@ asio::awaitable<void> AdminServer::Impl::serve(generic::socket accepted, uint64_
       response->keep_alive(false);
     } else {
       const Request& request = parser.get();
-      response = respond(request);
+      response = co_await respond_async(request);
       response->keep_alive(request.keep_alive());
       log::debug("admin endpoint {}: {} {} -> {}", label, sv(request.method_string()),
                  sv(request.target()), response->result_int());
@@ -440,16 +445,19 @@ bool loopback_host(std::string_view host) {
   return !ec && address.is_loopback();
 }
 
+// The export NAME of a /exports/NAME/snapshot path (percent-decoded), or nullopt.
+std::optional<std::string> snapshot_route(std::string_view path) {
+  constexpr std::string_view head = "/exports/", tail = "/snapshot";
+  if (!path.starts_with(head) || !path.ends_with(tail) || path.size() < head.size() + tail.size())
+    return std::nullopt;
+  const std::string_view name = path.substr(head.size(), path.size() - head.size() - tail.size());
+  if (name.find('/') != std::string_view::npos) return std::nullopt;
+  return percent_decode(name);
+}
+
 }  // namespace
 
-Response AdminServer::Impl::respond(const Request& request) {
-  const std::string_view target = sv(request.target());
-  const auto question = target.find('?');
-  const std::string_view path = target.substr(0, question);
-  const std::string_view query =
-      question == std::string_view::npos ? std::string_view() : target.substr(question + 1);
-  const http::verb method = request.method();
-
+std::optional<Response> AdminServer::Impl::refuse_cross_site(const Request& request) const {
   // The endpoint has no authentication; what keeps web pages out is that browsers always
   // send Origin on cross-site POSTs and keep the page's Host under DNS rebinding.
   if (request.count(http::field::origin) > 0) {
@@ -460,6 +468,74 @@ Response AdminServer::Impl::respond(const Request& request) {
     return json_error(request, http::status::forbidden,
                       fmt::format("Host '{}' is refused: use 127.0.0.1, [::1] or localhost",
                                   sv(request[http::field::host])));
+  }
+  return std::nullopt;
+}
+
+// POST /exports/NAME/snapshot waits for the commit's point in time (a short pause of the
+// overlay, on a worker); everything else answers at once.
+asio::awaitable<Response> AdminServer::Impl::respond_async(const Request& request) {
+  const std::string_view target = sv(request.target());
+  auto name = snapshot_route(target.substr(0, target.find('?')));
+  if (request.method() == http::verb::post && name && !refuse_cross_site(request)) {
+    co_return co_await respond_snapshot_post(request, std::move(*name));
+  }
+  co_return respond(request);
+}
+
+asio::awaitable<Response> AdminServer::Impl::respond_snapshot_post(const Request& request,
+                                                                   std::string name) {
+  const auto e = hooks.exports()->find(name);
+  if (!e)
+    co_return json_error(request, http::status::not_found, fmt::format("no export '{}'", name));
+  log::info("admin endpoint {}: live snapshot of export '{}' requested", label, e->name);
+  const asio::any_io_executor worker =
+      hooks.worker ? hooks.worker() : asio::any_io_executor(acceptor.get_executor());
+  std::optional<Response> refusal;
+  try {
+    const CommitStatus status = co_await commits.start(e, worker);
+    co_return make_response(request, http::status::accepted, "application/json",
+                            commit_status_json(status));
+  } catch (const CommitBusy& x) {
+    refusal = json_error(request, http::status::conflict, x.what());
+  } catch (const std::invalid_argument& x) {
+    refusal = json_error(request, http::status::bad_request, x.what());
+  } catch (const backends::Error& x) {
+    refusal = json_error(request,
+                         x.errc() == std::errc::device_or_resource_busy
+                             ? http::status::conflict
+                             : http::status::internal_server_error,
+                         x.what());
+  } catch (const std::exception& x) {
+    refusal = json_error(request, http::status::internal_server_error, x.what());
+  }
+  log::warn("admin endpoint {}: live snapshot of export '{}' refused: {}", label, e->name,
+            refusal->body());
+  co_return std::move(*refusal);
+}
+
+Response AdminServer::Impl::respond(const Request& request) {
+  const std::string_view target = sv(request.target());
+  const auto question = target.find('?');
+  const std::string_view path = target.substr(0, question);
+  const std::string_view query =
+      question == std::string_view::npos ? std::string_view() : target.substr(question + 1);
+  const http::verb method = request.method();
+
+  if (auto refused = refuse_cross_site(request)) return std::move(*refused);
+  if (const auto name = snapshot_route(path)) {
+    if (method != http::verb::get && method != http::verb::post) {
+      Response r = json_error(
+          request, http::status::method_not_allowed,
+          fmt::format("{} takes GET or POST, not {}", path, sv(request.method_string())));
+      r.set(http::field::allow, "GET, POST");
+      return r;
+    }
+    const auto e = hooks.exports()->find(*name);
+    if (!e)
+      return json_error(request, http::status::not_found, fmt::format("no export '{}'", *name));
+    return make_response(request, http::status::ok, "application/json",
+                         commit_status_json(commits.status(*e)));
   }
 
   struct Route {
@@ -477,7 +553,7 @@ Response AdminServer::Impl::respond(const Request& request) {
   if (!route) {
     return json_error(request, http::status::not_found,
                       fmt::format("no such resource: {} (try /metrics, /exports, /health, "
-                                  "POST /reload)",
+                                  "POST /reload, GET or POST /exports/NAME/snapshot)",
                                   path));
   }
   if (method != route->method) {

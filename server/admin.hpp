@@ -1,7 +1,8 @@
 // The admin endpoint (off by default): HTTP/1.1 with Boost.Beast on a Unix socket or a
 // loopback TCP port. GET /metrics (Prometheus text), GET /exports (JSON), POST /reload,
-// GET /health; later issues add actions (snapshot/commit). Runs on the server's main
-// io_context; the actions it triggers run off the data path.
+// GET /health, and live snapshots of overlay exports (POST /exports/NAME/snapshot starts
+// one, GET the same path reports it: server/commit.hpp). Runs on the server's main
+// io_context; the actions it triggers run off the data path (a commit on a worker).
 #pragma once
 
 #include <chrono>
@@ -13,6 +14,7 @@
 
 #include <utility>  // before asio: Boost 1.74's awaitable.hpp uses std::exchange
 
+#include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/address.hpp>
 
@@ -48,6 +50,9 @@ struct AdminHooks {
   // Reloads the configuration; returns a one-line summary, throws on failure (the old
   // configuration stays). Null when the server was not started with --config.
   std::function<std::string()> reload;
+  // An executor of a worker thread, where a live snapshot's commit runs; null: the admin
+  // endpoint's own (tests).
+  std::function<boost::asio::any_io_executor()> worker;
 };
 
 // Limits that keep slow or stuck admin clients from piling up (they only ever cost a

@@ -170,7 +170,10 @@ void Server::run() {
                    .metrics = &metrics_,
                    .reload = reload_handler_
                                  ? std::function<std::string()>([this] { return reload(); })
-                                 : std::function<std::string()>()});
+                                 : std::function<std::string()>(),
+                   .worker = [this] {
+                     return asio::any_io_executor(next_context().get_executor());
+                   }});
     log::info("admin endpoint on {}", admin_->label());
   }
 

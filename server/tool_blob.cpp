@@ -14,9 +14,19 @@
 
 #include <fmt/format.h>
 
+#include <unistd.h>
+
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
 #include "backends/azure_credentials.hpp"
 #include "backends/error.hpp"
+#include "backends/percent_encode.hpp"
+#include "server/admin_client.hpp"
 #include "server/blob_tool_common.hpp"
+#include "server/commit.hpp"
+#include "server/progress.hpp"
 #include "server/tool_common.hpp"
 
 namespace imagenbd::server {
@@ -50,11 +60,12 @@ namespace {
 template <typename OnOption>
 std::vector<std::string> parse_args(int argc, char** argv, const option* long_options,
                                     std::size_t operands, const char* operand_names,
-                                    OnOption on_option, bool& help) {
+                                    OnOption on_option, bool& help,
+                                    const char* short_options = "h") {
   optind = 0;
   opterr = 0;
   int c;
-  while ((c = getopt_long(argc, argv, "h", long_options, nullptr)) != -1) {
+  while ((c = getopt_long(argc, argv, short_options, long_options, nullptr)) != -1) {
     if (c == 'h') {
       help = true;
       return {};
@@ -227,31 +238,108 @@ int tool_rm(int argc, char** argv) {
   });
 }
 
+namespace {
+
+// `imagenbd snapshot --admin=ADDR EXPORT`: a live snapshot of a running server's overlay
+// export (server/commit.hpp): POST, then poll the state until it is done or failed.
+int live_snapshot(const AdminAddress& where, const std::string& name, bool json, bool progress) {
+  const std::string target = "/exports/" + backends::percent_encode(name) + "/snapshot";
+  ProgressBar bar(progress_wanted(progress, ::isatty(2) != 0, false, json));
+  const auto body = [&]() -> boost::asio::awaitable<int> {
+    const AdminAnswer started = co_await admin_request(where, "POST", target);
+    if (started.status != 202) {
+      throw std::runtime_error(fmt::format("export '{}': {} ({})", name,
+                                           admin_error_message(started.body), started.status));
+    }
+    auto status = parse_commit_status(started.body);
+    boost::asio::steady_timer pause(co_await boost::asio::this_coro::executor);
+    while (status && status->state == "running") {
+      bar.update(status->blocks_done, status->blocks_total);
+      pause.expires_after(std::chrono::milliseconds(200));
+      co_await pause.async_wait(boost::asio::use_awaitable);
+      const AdminAnswer polled = co_await admin_request(where, "GET", target);
+      if (polled.status != 200) {
+        throw std::runtime_error(fmt::format("export '{}': {} ({})", name,
+                                             admin_error_message(polled.body), polled.status));
+      }
+      status = parse_commit_status(polled.body);
+    }
+    if (!status) throw std::runtime_error("the server's answer is not a snapshot state");
+    if (status->state != "done") {
+      bar.abandon();
+      if (json) std::printf("%s", commit_status_json(*status).c_str());
+      throw std::runtime_error(fmt::format(
+          "export '{}': the commit into {} failed: {} (its blocks go with the next snapshot; "
+          "see the server's log)",
+          name, status->target, status->error));
+    }
+    bar.finish(status->blocks_total);
+    if (json) {
+      std::printf("%s", commit_status_json(*status).c_str());
+    } else if (status->snapshot.empty()) {
+      std::printf("committed into %s (no blob snapshot: not a blob)\n", status->target.c_str());
+    } else {
+      std::printf("%s\n", status->snapshot.c_str());
+    }
+    co_return 0;
+  };
+  return run_now(body());
+}
+
+}  // namespace
+
 int tool_snapshot(int argc, char** argv) {
   return run_command("snapshot", [&] {
     enum : int { opt_json = 1000 };
     static const option long_options[] = {
         {"json", no_argument, nullptr, opt_json},
+        {"admin", required_argument, nullptr, 'a'},
+        {"progress", no_argument, nullptr, 'p'},
         {"help", no_argument, nullptr, 'h'},
         {nullptr, 0, nullptr, 0},
     };
-    bool json = false, help = false;
+    bool json = false, help = false, progress = false;
+    std::string admin;
+    // The operand is an export name with --admin, else a blob URI.
+    const bool live = std::any_of(argv + 1, argv + argc, [](const char* a) {
+      return std::strncmp(a, "--admin", 7) == 0 || std::strncmp(a, "-a", 2) == 0;
+    });
     const auto args = parse_args(
-        argc, argv, long_options, 1, "one URI",
-        [&](int c, const char*) { return c == opt_json && (json = true); }, help);
+        argc, argv, long_options, 1, live ? "one EXPORT name" : "one URI",
+        [&](int c, const char* arg) {
+          if (c == 'a') return (admin = arg, !admin.empty());
+          if (c == 'p') return progress = true;
+          return c == opt_json && (json = true);
+        },
+        help, "ha:p");
     if (help) {
       std::printf(
-          "Usage: imagenbd snapshot [--json] URI\n\n"
+          "Usage: imagenbd snapshot [--json] URI\n"
+          "       imagenbd snapshot --admin=ADDR [--json] [-p] EXPORT\n\n"
           "Take a read-only snapshot of the blob and print its timestamp, which addresses\n"
           "it: 'imagenbd serve --snapshot=T URI', 'imagenbd download --snapshot=T',\n"
-          "'URI?snapshot=T'. A leased blob can be snapshotted without its lease id.\n\n%s\n"
+          "'URI?snapshot=T'. A leased blob can be snapshotted without its lease id.\n\n"
+          "With --admin: a live snapshot of a running server's export served with\n"
+          "--overlay. The overlay's blocks changed since the last live snapshot, as they\n"
+          "are at this moment, are written into blob storage while the export keeps\n"
+          "serving: into the image itself when the server holds its blob lease, else into\n"
+          "the export's --commit-to blob (cloned from the base snapshot the first time);\n"
+          "then that blob is snapshotted and the snapshot's timestamp printed. Writes that\n"
+          "arrive meanwhile go with the next snapshot.\n\n%s\n"
           "Options:\n"
-          "      --json        print {\"snapshot\": \"T\"}\n"
+          "  -a, --admin=ADDR  the server's admin endpoint: unix:PATH, 127.0.0.1:PORT or\n"
+          "                    [::1]:PORT (imagenbd serve --admin=ADDR)\n"
+          "      --json        print {\"snapshot\": \"T\"}; with --admin the final state:\n"
+          "                    {\"state\", \"blocks_total\", \"blocks_done\", \"bytes_done\",\n"
+          "                    \"snapshot\", \"target\", \"error\", \"started\", \"finished\"}\n"
+          "  -p, --progress    a progress bar (the default on a terminal; never with --json)\n"
           "  -h, --help        this text\n\n"
           "Exit status: 0 on success, 1 on errors, 2 on usage errors.\n",
           uri_help);
       return 0;
     }
+    if (!admin.empty()) return live_snapshot(parse_admin_address(admin), args[0], json, progress);
+    if (progress) usage("-p/--progress is for live snapshots (--admin)");
     auto blob = open_blob_client(args[0]);
     require_blob(blob, args[0]);
     if (!blob.location().snapshot.empty()) {
