@@ -107,7 +107,7 @@ DecodedBootProfile load(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   std::vector<char> raw((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   std::vector<std::byte> bytes(raw.size());
-  std::memcpy(bytes.data(), raw.data(), raw.size());
+  if (!raw.empty()) std::memcpy(bytes.data(), raw.data(), raw.size());
   return decode_boot_profile(bytes);
 }
 
