@@ -313,8 +313,26 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     co_await std::move(op);
   }
 
+  // Chunks held here are answered as data without asking the remote (a session asks for
+  // the extents of every read with structured replies; a live blob answers each with a
+  // Get Page Ranges request). The remote describes the runs of chunks not held. Both
+  // answers stop where the run ends: callers ask again for the rest.
   asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) override {
-    co_return co_await remote_->extents(offset, length);
+    const uint64_t end = offset + length;
+    uint64_t c = offset / chunk_;
+    const bool held = map_.present(c);
+    while (chunk_end(c) < end && map_.present(c + 1) == held) ++c;
+    const uint64_t run = std::min(end, chunk_end(c)) - offset;
+    if (held) co_return std::vector<Extent>{{run, ExtentKind::data}};
+    auto remote = co_await remote_->extents(offset, run);
+    uint64_t covered = 0;
+    std::size_t n = 0;
+    while (n < remote.size() && covered < run) {
+      remote[n].length = std::min(remote[n].length, run - covered);
+      covered += remote[n++].length;
+    }
+    remote.resize(n);
+    co_return remote;
   }
 
   // Starts a background fetch of the missing chunks of the range and returns at once. At

@@ -673,3 +673,36 @@ TEST_CASE("cache: data of chunks the saved bitmap does not name is punched at op
   CHECK(read(*c, 0, 8 * chunk) == read(*blob, 0, 8 * chunk));
   CHECK(remote->reads() == 1);  // chunks 2 to 7, chunk 5 included
 }
+
+TEST_CASE("cache: extents of held chunks are answered here, the rest by the remote") {
+  TempDir dir("cache");
+  auto blob = open_memory(16 * chunk, "az://acct/c/sparse.vhd");
+  std::vector<std::byte> data(8 * chunk, std::byte{0x5a});
+  run(blob->write(0, data, {}));  // chunks 8..15 never written: a hole in the remote
+  auto remote = remote_over(blob);
+  auto c = open_cache(remote, options_for(dir));
+  CHECK(read(*c, 0, 2 * chunk) == read(*blob, 0, 2 * chunk));
+
+  // The run of held chunks, without a remote call.
+  auto held = run(c->extents(100, 16 * chunk - 100));
+  CHECK(held == std::vector<Extent>{{2 * chunk - 100, ExtentKind::data}});
+  CHECK(remote->extents_calls() == 0);
+
+  // The run of chunks not held (2..15) is the remote's answer, cut at the run's end.
+  auto rest = run(c->extents(2 * chunk, 14 * chunk));
+  CHECK(remote->extents_calls() == 1);
+  uint64_t covered = 0;
+  for (const auto& e : rest) covered += e.length;
+  CHECK(covered <= 14 * chunk);
+  REQUIRE_FALSE(rest.empty());
+  CHECK(rest.front().kind == ExtentKind::data);
+  CHECK(rest.back().kind == ExtentKind::hole);
+
+  // A run ends where a held chunk starts.
+  CHECK(read(*c, 5 * chunk, 10) == read(*blob, 5 * chunk, 10));
+  auto before = run(c->extents(3 * chunk, 4 * chunk));
+  covered = 0;
+  for (const auto& e : before) covered += e.length;
+  CHECK(covered == 2 * chunk);
+  CHECK(remote->extents_calls() == 2);
+}

@@ -28,6 +28,7 @@ class CountingDevice final : public backends::BlockDevice {
       : child_(std::move(child)), tag_(std::move(tag)) {}
 
   int reads() const { return reads_.load(); }
+  int extents_calls() const { return extents_calls_.load(); }
   uint64_t bytes_read() const { return bytes_.load(); }
   void reset_counts() {
     reads_ = 0;
@@ -82,6 +83,7 @@ class CountingDevice final : public backends::BlockDevice {
   }
   asio::awaitable<std::vector<backends::Extent>> extents(uint64_t offset,
                                                          uint64_t length) override {
+    extents_calls_.fetch_add(1);
     co_return co_await child_->extents(offset, length);
   }
   asio::awaitable<void> prefetch(uint64_t, uint64_t) override { co_return; }
@@ -91,6 +93,7 @@ class CountingDevice final : public backends::BlockDevice {
   mutable std::mutex mutex_;
   std::string tag_;
   std::atomic<int> reads_{0};
+  std::atomic<int> extents_calls_{0};
   std::atomic<uint64_t> bytes_{0};
   std::atomic<long> delay_ms_{0};
   std::atomic<int> fail_reads_{0};
