@@ -248,8 +248,9 @@ int live_snapshot(const AdminAddress& where, const std::string& name, bool json,
   const auto body = [&]() -> boost::asio::awaitable<int> {
     const AdminAnswer started = co_await admin_request(where, "POST", target);
     if (started.status != 202) {
-      throw std::runtime_error(fmt::format("export '{}': {} ({})", name,
-                                           admin_error_message(started.body), started.status));
+      // The server's message names the export already.
+      throw std::runtime_error(
+          fmt::format("{} ({})", admin_error_message(started.body), started.status));
     }
     auto status = parse_commit_status(started.body);
     boost::asio::steady_timer pause(co_await boost::asio::this_coro::executor);
