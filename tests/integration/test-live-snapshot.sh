@@ -135,6 +135,25 @@ qemu-img compare -f raw -F raw "$(nbd_uri snap)" "nbd+unix:///a?socket=${saved[1
 stop_imagenbd
 stop_imagenbd "${saved[0]}"
 
+# --- fio writing with verify during a commit -----------------------------------------------
+if command -v fio >/dev/null && fio --enghelp 2>/dev/null | grep -qw nbd; then
+    "$IMAGENBD" upload "$tmpdir/base.vhd" "$(az_uri fio.vhd)"
+    start_imagenbd --admin="$admin" --overlay="$tmpdir/f.cow" f="$(az_uri fio.vhd)"
+    fio --output-format=json --output="$tmpdir/fio.json" --name=verify --ioengine=nbd \
+        --uri="$(nbd_uri f)" --rw=randwrite --bssplit=4k/50:64k/50 --iodepth=8 --size=16M \
+        --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_dump=0 \
+        --verify_state_save=0 --randrepeat=0 &
+    fio_pid=$!
+    sleep 1  # fio is writing by now (it has no progress file to poll)
+    commit f >"$tmpdir/f.json" || fail "the commit during fio failed"
+    wait $fio_pid || { cat "$tmpdir/fio.json"; fail "fio failed while a commit ran"; }
+    jq -e '.jobs[0].error == 0' "$tmpdir/fio.json" || fail "fio reported an error"
+    jq -r '"fio during a commit: longest write \(.jobs[0].write.clat_ns.max / 1e6) ms, " +
+           "\(.jobs[0].write.io_bytes) bytes written and verified"' "$tmpdir/fio.json"
+    jq -c . "$tmpdir/f.json"
+    stop_imagenbd
+fi
+
 # --- (b) a snapshot served read-only, committed into a clone (--commit-to) ------------------
 start_imagenbd --admin="$admin" --snapshot=new --overlay="$tmpdir/b.cow" \
     --commit-to="$(az_uri clone.vhd)" b="$(az_uri gold.vhd)"
