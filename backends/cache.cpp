@@ -1,7 +1,8 @@
 // The cache filter (see cache.hpp). Concurrency without a global lock on the data path:
 // - present/access bits are atomics (backends/cache_map.hpp); a hit checks its bit and
 //   preads the chunk under its shard's shared lock, so eviction (the shard's exclusive lock)
-//   never punches a chunk while it is being read;
+//   never punches a chunk while it is being read; the pread is tried inline first
+//   (RWF_NOWAIT: warm reads served from the page cache without a trip to the pool);
 // - an in-flight table per shard (64 shards by chunk index) makes concurrent misses on one
 //   chunk fetch it once: the first reader claims the chunk, later readers wait for it; a
 //   failed fetch wakes them with the error and leaves the chunk absent;
@@ -33,6 +34,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -73,6 +75,7 @@ namespace {
 
 constexpr auto relaxed = std::memory_order_relaxed;
 constexpr std::size_t shard_count = 64;
+constexpr uint64_t extents_window = 64u << 20;  // remote extents asked and remembered per
 
 std::string errno_text(int e) {
   return std::generic_category().message(e);
@@ -242,12 +245,25 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out) override {
     assert(offset + out.size() <= size());
     if (out.empty()) co_return;
+    const uint64_t first = offset / chunk_;
+    const uint64_t last = (offset + out.size() - 1) / chunk_;
+    // Warm reads of one chunk (most of them) never leave this thread.
+    if (first == last && read_local_nowait(first, offset, out) == Local::read) {
+      cache_counters().hits.fetch_add(1, relaxed);
+      co_return;
+    }
     std::vector<uint64_t> todo;
-    for (uint64_t c = offset / chunk_; c <= (offset + out.size() - 1) / chunk_; ++c)
-      todo.push_back(c);
+    for (uint64_t c = first; c <= last; ++c) todo.push_back(c);
+    if (first != last) {
+      const auto before = todo.size();
+      std::erase_if(todo,
+                    [&](uint64_t c) { return read_local_nowait(c, offset, out) == Local::read; });
+      cache_counters().hits.fetch_add(before - todo.size(), relaxed);
+    }
     bool first_pass = true;
     while (!todo.empty()) {
-      // Hits: chunks whose bit is set, read from the local file.
+      // Hits: chunks whose bit is set, read from the local file on the pool (the page
+      // cache did not hold them whole).
       std::vector<uint64_t> hits;
       for (auto c : todo)
         if (map_.present(c)) hits.push_back(c);
@@ -324,6 +340,7 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     while (chunk_end(c) < end && map_.present(c + 1) == held) ++c;
     const uint64_t run = std::min(end, chunk_end(c)) - offset;
     if (held) co_return std::vector<Extent>{{run, ExtentKind::data}};
+    if (!caps_.writable) co_return co_await remembered_extents(offset, run);
     auto remote = co_await remote_->extents(offset, run);
     uint64_t covered = 0;
     std::size_t n = 0;
@@ -333,6 +350,52 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     }
     remote.resize(n);
     co_return remote;
+  }
+
+  // The remote's extents of [offset, offset + length) (inside one extents window), asked
+  // once per window of a read-only remote and remembered: the cache trusts such a remote
+  // not to change while it is open (its bytes are validated once, at open), so its layout
+  // may be trusted as long. A cold sequential read of a live Azure blob otherwise made a
+  // Get Page Ranges request per NBD read. Answers stop at the window's end.
+  asio::awaitable<std::vector<Extent>> remembered_extents(uint64_t offset, uint64_t length) {
+    const uint64_t w = offset / extents_window;
+    const uint64_t w_start = w * extents_window;
+    const uint64_t w_end = std::min(size(), w_start + extents_window);
+    std::shared_ptr<const std::vector<Extent>> layout;
+    {
+      std::lock_guard lock(layout_mutex_);
+      if (auto it = layouts_.find(w); it != layouts_.end()) layout = it->second;
+    }
+    if (!layout) {
+      std::vector<Extent> all;
+      for (uint64_t at = w_start; at < w_end;) {
+        auto more = co_await remote_->extents(at, w_end - at);
+        if (more.empty()) break;
+        for (const auto& e : more) {
+          const uint64_t n = std::min(e.length, w_end - at);
+          if (n == 0) break;
+          all.push_back({n, e.kind});
+          at += n;
+        }
+      }
+      layout = std::make_shared<const std::vector<Extent>>(std::move(all));
+      std::lock_guard lock(layout_mutex_);
+      layouts_.emplace(w, layout);
+    }
+    // The part of the window's layout inside the request.
+    std::vector<Extent> out;
+    const uint64_t end = std::min(offset + length, w_end);
+    uint64_t at = w_start;
+    for (const auto& e : *layout) {
+      const uint64_t e_end = at + e.length;
+      const uint64_t from = std::max(at, offset);
+      const uint64_t to = std::min(e_end, end);
+      if (from < to) out.push_back({to - from, e.kind});
+      if (e_end >= end) break;
+      at = e_end;
+    }
+    if (out.empty()) out.push_back({end - offset, ExtentKind::data});  // the remote said less
+    co_return out;
   }
 
   // Starts a background fetch of the missing chunks of the range and returns at once. At
@@ -471,6 +534,32 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     map_.touch(c);
     pread_all(out.data() + (from - offset), to - from, from);
     return true;
+  }
+
+  enum class Local { read, absent, blocked };
+
+  // Copies the part of chunk c inside [offset, offset + out.size()) from the page cache
+  // without blocking (RWF_NOWAIT, like the file leaf), under the shard's shared lock if it
+  // is free at once. `blocked`: the lock was taken, the page cache did not hold the part
+  // whole or the kernel cannot read without blocking; read_local() on the pool then.
+  Local read_local_nowait(uint64_t c, uint64_t offset, std::span<std::byte> out) {
+    if (!nowait_reads_.load(relaxed)) return Local::blocked;
+    const uint64_t from = std::max(offset, chunk_start(c));
+    const uint64_t to = std::min(offset + out.size(), chunk_end(c));
+    std::shared_lock lock(shard(c).mutex, std::try_to_lock);
+    if (!lock.owns_lock()) return Local::blocked;
+    if (!map_.present(c)) return Local::absent;
+    iovec iov{out.data() + (from - offset), to - from};
+    for (;;) {
+      const ssize_t n = ::preadv2(fd_, &iov, 1, static_cast<off_t>(from), RWF_NOWAIT);
+      if (n == static_cast<ssize_t>(to - from)) {
+        map_.touch(c);
+        return Local::read;
+      }
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0 && (errno == EOPNOTSUPP || errno == ENOSYS)) nowait_reads_.store(false, relaxed);
+      return Local::blocked;  // EAGAIN, a short read, or an error the blocking read reports
+    }
   }
 
   void pread_all(std::byte* p, uint64_t n, uint64_t at) {
@@ -789,9 +878,13 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   std::atomic<uint64_t> cached_chunks_{0};
   std::atomic<uint64_t> unsaved_{0};
   std::atomic<bool> dirty_{false};
+  std::atomic<bool> nowait_reads_{true};  // false once the kernel refuses RWF_NOWAIT here
   std::atomic<bool> evicting_{false};
   uint64_t hand_ = 0;  // the clock hand; only the evictor moves it
   std::atomic<unsigned> prefetching_{0};
+  std::mutex layout_mutex_;
+  // extents window -> the read-only remote's extents of it (remembered_extents)
+  std::unordered_map<uint64_t, std::shared_ptr<const std::vector<Extent>>> layouts_;
   mutable std::mutex save_mutex_;
   std::chrono::steady_clock::time_point last_save_;  // under save_mutex_
   std::string tag_;  // the version tag last saved (id_'s at open); under save_mutex_

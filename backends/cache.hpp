@@ -37,8 +37,11 @@ uint32_t cache_chunk_size(const BlockDevice& remote, const CacheOptions& options
 // (EBUSY). Another process holding the path is refused too (flock).
 // The result: size and caps of the remote (cache = true); read() serves present chunks from
 // the local file and fetches missing ones (whole chunks; concurrent misses on a chunk fetch
-// it once); prefetch() fetches in the background; flush() and close() flush the remote (if
-// writable) and save the bitmap with the remote's version tag as it reports it then.
+// it once); prefetch() fetches in the background; extents() answers held chunks as data
+// and, over a read-only remote, asks the remote once per 64 MiB window and remembers the
+// answer (the remote is trusted not to change while the cache is open, like its bytes);
+// flush() and close() flush the remote (if writable) and save the bitmap with the remote's
+// version tag as it reports it then.
 // Writes, trims and zeroes go to the remote when it is writable (else EPERM): the chunks
 // they touch wait for fetches of them in flight and are updated locally when the write
 // covers them whole or they were present (zeroes punched), dropped otherwise (trims always):

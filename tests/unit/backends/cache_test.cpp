@@ -674,7 +674,7 @@ TEST_CASE("cache: data of chunks the saved bitmap does not name is punched at op
   CHECK(remote->reads() == 1);  // chunks 2 to 7, chunk 5 included
 }
 
-TEST_CASE("cache: extents of held chunks are answered here, the rest by the remote") {
+TEST_CASE("cache: extents of held chunks are answered here, the rest by the remote, once") {
   TempDir dir("cache");
   auto blob = open_memory(16 * chunk, "az://acct/c/sparse.vhd");
   std::vector<std::byte> data(8 * chunk, std::byte{0x5a});
@@ -688,7 +688,8 @@ TEST_CASE("cache: extents of held chunks are answered here, the rest by the remo
   CHECK(held == std::vector<Extent>{{2 * chunk - 100, ExtentKind::data}});
   CHECK(remote->extents_calls() == 0);
 
-  // The run of chunks not held (2..15) is the remote's answer, cut at the run's end.
+  // The run of chunks not held (2..15) is the remote's answer, cut at the run's end; a
+  // read-only remote is asked for its whole extents window (64 MiB, here all of it) once.
   auto rest = run(c->extents(2 * chunk, 14 * chunk));
   CHECK(remote->extents_calls() == 1);
   uint64_t covered = 0;
@@ -704,5 +705,20 @@ TEST_CASE("cache: extents of held chunks are answered here, the rest by the remo
   covered = 0;
   for (const auto& e : before) covered += e.length;
   CHECK(covered == 2 * chunk);
+  CHECK(before == std::vector<Extent>{{2 * chunk, ExtentKind::data}});
+  auto tail = run(c->extents(7 * chunk + 512, 9 * chunk - 512));
+  CHECK(tail ==
+        std::vector<Extent>{{chunk - 512, ExtentKind::data}, {8 * chunk, ExtentKind::hole}});
+  CHECK(remote->extents_calls() == 1);
+}
+
+// Over a writable remote (a leased blob written through the cache) the layout changes with
+// our own writes: the remote is asked every time.
+TEST_CASE("cache: extents over a writable remote are asked every time") {
+  TempDir dir("cache");
+  auto remote = writable_remote(8 * chunk);
+  auto c = open_cache(remote, options_for(dir));
+  (void)run(c->extents(0, 8 * chunk));
+  (void)run(c->extents(chunk, 2 * chunk));
   CHECK(remote->extents_calls() == 2);
 }

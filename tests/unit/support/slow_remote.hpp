@@ -54,6 +54,7 @@ class SlowRemote final : public backends::BlockDevice {
   int reads() const { return reads_.load(); }
   uint64_t bytes_read() const { return bytes_read_.load(); }
   int writes() const { return writes_.load(); }
+  int extents_calls() const { return extents_calls_.load(); }
   void set_delay(std::chrono::microseconds d) { delay_ = d; }
   // Reads wait while the gate is closed (polled every millisecond).
   void close_gate() { gate_closed_ = true; }
@@ -114,6 +115,7 @@ class SlowRemote final : public backends::BlockDevice {
     object_->generation.fetch_add(1);
   }
   asio::awaitable<std::vector<backends::Extent>> extents(uint64_t, uint64_t length) override {
+    extents_calls_.fetch_add(1);
     co_return std::vector<backends::Extent>{{length, backends::ExtentKind::data}};
   }
   asio::awaitable<void> prefetch(uint64_t, uint64_t) override { co_return; }
@@ -133,6 +135,7 @@ class SlowRemote final : public backends::BlockDevice {
   std::atomic<bool> gate_closed_{false};
   std::atomic<int> at_gate_{0};
   std::atomic<int> reads_{0};
+  std::atomic<int> extents_calls_{0};
   std::atomic<uint64_t> bytes_read_{0};
   std::atomic<int> writes_{0};
 };
