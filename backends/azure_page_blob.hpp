@@ -31,7 +31,7 @@ struct AzurePageBlobOptions {
   int lease_duration = 60;            // seconds, 15..60; renewed every duration/3
   std::string lease_id;               // proposed lease id; "" = a random one
   std::size_t parallel = 8;           // ranges in flight for one large read or write
-  std::size_t read_split = 4u << 20;  // reads larger than this are split into ranges
+  std::size_t read_split = 8u << 20;  // reads larger than this are split into ranges
   http::RetryPolicy retry;
   // Where to sign from: null = the environment (credentials_from_environment); a config
   // file's `credentials = "env:VAR" | "file:PATH"` fills it.

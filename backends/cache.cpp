@@ -50,6 +50,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <unordered_map>
 #include <utility>
@@ -75,7 +76,8 @@ namespace {
 
 constexpr auto relaxed = std::memory_order_relaxed;
 constexpr std::size_t shard_count = 64;
-constexpr uint64_t extents_window = 64u << 20;  // remote extents asked and remembered per
+constexpr std::size_t max_queued_prefetches = 64;  // hints waiting for a worker
+constexpr uint64_t extents_window = 64u << 20;     // remote extents asked and remembered per
 
 std::string errno_text(int e) {
   return std::generic_category().message(e);
@@ -398,19 +400,25 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     co_return out;
   }
 
-  // Starts a background fetch of the missing chunks of the range and returns at once. At
-  // most prefetch_width run at a time; a hint beyond that is dropped.
+  // Queues a background fetch of the missing chunks of the range and returns at once.
+  // prefetch_width workers take hints in order; a hint is dropped only when max_queued
+  // wait already (a readahead window dropped would be fetched chunk by chunk on demand).
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     if (length == 0 || offset >= size()) co_return;
-    if (prefetching_.fetch_add(1, relaxed) >= options_.prefetch_width) {
-      prefetching_.fetch_sub(1, relaxed);
-      co_return;
+    bool start_worker = false;
+    {
+      std::lock_guard lock(prefetch_mutex_);
+      if (prefetch_queue_.size() >= max_queued_prefetches) co_return;
+      prefetch_queue_.emplace_back(offset, std::min(length, size() - offset));
+      if (prefetch_workers_ < options_.prefetch_width) {
+        ++prefetch_workers_;
+        start_worker = true;
+      }
     }
-    auto self = shared_from_this();
+    if (!start_worker) co_return;
     auto ex = co_await asio::this_coro::executor;
-    // The coroutine gets its own reference: the caller may drop the cache before it ends.
-    asio::co_spawn(ex, background_fetch(self, offset, std::min(length, size() - offset)),
-                   asio::detached);
+    // The worker gets its own reference: the caller may drop the cache before it ends.
+    asio::co_spawn(ex, prefetch_worker(shared_from_this()), asio::detached);
   }
 
   asio::awaitable<void> close() override { co_await flush(); }
@@ -638,38 +646,42 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
                                   std::span<std::byte> out) {
     const uint64_t start = chunk_start(first);
     const uint64_t end = chunk_end(first + n - 1);
-    std::vector<std::byte> buf(end - start);
+    const uint64_t length = end - start;
+    const auto buf = std::make_unique_for_overwrite<std::byte[]>(length);
     const uint64_t piece = std::max<uint64_t>(caps_.block_max, 4096);
-    for (uint64_t pos = 0; pos < buf.size(); pos += piece) {
-      auto part = std::span<std::byte>(buf).subspan(pos, std::min(piece, buf.size() - pos));
-      co_await remote_->read(start + pos, part);
+    for (uint64_t pos = 0; pos < length; pos += piece) {
+      co_await remote_->read(start + pos, {buf.get() + pos, std::min(piece, length - pos)});
     }
-    cache_counters().bytes_fetched.fetch_add(buf.size(), relaxed);
-    log::data("cache: {}: fetched {}+{} ({} chunks)", path_, start, buf.size(), n);
+    cache_counters().bytes_fetched.fetch_add(length, relaxed);
+    log::data("cache: {}: fetched {}+{} ({} chunks)", path_, start, length, n);
     if (!out.empty()) {
       const uint64_t from = std::max(start, offset);
       const uint64_t to = std::min(end, offset + out.size());
       if (from < to)
-        std::memcpy(out.data() + (from - offset), buf.data() + (from - start), to - from);
+        std::memcpy(out.data() + (from - offset), buf.get() + (from - start), to - from);
     }
-    auto store = offload([this, &buf, start] {
-      try {
-        pwrite_all(buf.data(), buf.size(), start);
-        return true;
-      } catch (const std::exception& e) {
-        // The bytes are still served from memory; the chunk stays absent.
-        log::warn("cache: {}: {}", path_, e.what());
-        return false;
+    // Stored chunk by chunk, each released as soon as it is in the local file: a reader
+    // waiting for the first chunk of a long prefetch does not wait for the whole run.
+    auto store = offload([this, &buf, start, first, n] {
+      uint64_t stored = 0;
+      for (uint64_t c = first; c < first + n; ++c) {
+        const uint64_t at = chunk_start(c);
+        try {
+          pwrite_all(buf.get() + (at - start), chunk_end(c) - at, at);
+          if (map_.set_present(c)) {
+            ++stored;
+            cached_chunks_.fetch_add(1, relaxed);
+          }
+        } catch (const std::exception& e) {
+          // This read has the bytes; the chunk stays absent (waiters fetch it again).
+          log::warn("cache: {}: {}", path_, e.what());
+        }
+        map_.touch(c);
+        release(c, nullptr);
       }
+      return stored;
     });
-    const bool stored = co_await std::move(store);
-    uint64_t added = 0;
-    for (uint64_t c = first; c < first + n; ++c) {
-      if (stored && map_.set_present(c)) ++added;
-      map_.touch(c);
-      release(c, nullptr);
-    }
-    cached_chunks_.fetch_add(added, relaxed);
+    const uint64_t added = co_await std::move(store);
     const auto unsaved = unsaved_.fetch_add(added, relaxed) + added;
     dirty_.store(true, relaxed);
     if (unsaved >= options_.save_every_chunks || save_due()) {
@@ -693,10 +705,21 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
 
   // The background half of prefetch(): claims and fetches whatever is missing and not in
   // flight. Never throws (detached).
-  static asio::awaitable<void> background_fetch(std::shared_ptr<Cache> self, uint64_t offset,
-                                                uint64_t length) {
-    co_await self->fetch_missing(offset, length);
-    self->prefetching_.fetch_sub(1, relaxed);
+  static asio::awaitable<void> prefetch_worker(std::shared_ptr<Cache> self) {
+    while (auto hint = self->next_prefetch())
+      co_await self->fetch_missing(hint->first, hint->second);
+  }
+
+  // The oldest queued hint, or none (and this worker ends).
+  std::optional<std::pair<uint64_t, uint64_t>> next_prefetch() {
+    std::lock_guard lock(prefetch_mutex_);
+    if (prefetch_queue_.empty()) {
+      --prefetch_workers_;
+      return std::nullopt;
+    }
+    auto hint = prefetch_queue_.front();
+    prefetch_queue_.pop_front();
+    return hint;
   }
 
   asio::awaitable<void> fetch_missing(uint64_t offset, uint64_t length) {
@@ -881,7 +904,9 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   std::atomic<bool> nowait_reads_{true};  // false once the kernel refuses RWF_NOWAIT here
   std::atomic<bool> evicting_{false};
   uint64_t hand_ = 0;  // the clock hand; only the evictor moves it
-  std::atomic<unsigned> prefetching_{0};
+  std::mutex prefetch_mutex_;
+  std::deque<std::pair<uint64_t, uint64_t>> prefetch_queue_;  // hints (offset, length)
+  unsigned prefetch_workers_ = 0;                             // under prefetch_mutex_
   std::mutex layout_mutex_;
   // extents window -> the read-only remote's extents of it (remembered_extents)
   std::unordered_map<uint64_t, std::shared_ptr<const std::vector<Extent>>> layouts_;

@@ -18,8 +18,8 @@ struct CacheOptions {
   uint32_t chunk_size =
       0;  // 0: the remote's block_preferred if >= 64 KiB, else 1 MiB; a power of two
   uint64_t max_bytes = 0;  // size cap of the cached bytes; 0: the remote's size (no eviction)
-  uint64_t max_fetch = 8u << 20;  // adjacent missing chunks fetched in one remote read, up to this
-  unsigned prefetch_width = 4;    // background prefetches at a time; more are dropped (hints)
+  uint64_t max_fetch = 16u << 20;  // adjacent missing chunks fetched in one remote read, up to this
+  unsigned prefetch_width = 4;     // background prefetches at a time; more wait (64, then dropped)
   uint32_t save_every_chunks = 64;  // save the bitmap after this many new chunks ...
   uint32_t save_every_seconds = 5;  // ... or when a chunk arrives this long after the last save
 };
@@ -54,7 +54,7 @@ DevicePtr open_cache(DevicePtr remote, const CacheOptions& options);
 
 // Fetches the chunks of [offset, offset + length) that are neither present nor in flight
 // and returns when they are stored (a failure is logged, never thrown). Unlike prefetch(),
-// which returns at once and drops hints beyond prefetch_width, it waits and drops nothing:
+// which returns at once and drops hints when 64 wait already, it waits and drops nothing:
 // for background work that paces itself (the boot-profile replay). Not counted as hits or
 // misses. A device that is not from open_cache gets a prefetch() hint instead.
 asio::awaitable<void> fill_cache(DevicePtr device, uint64_t offset, uint64_t length);

@@ -1,14 +1,17 @@
-// The readahead filter (see readahead.hpp). A stream remembers where its next read should
-// start, its window, and how far it has prefetched ("ahead"). A read that starts where a
-// stream expects it continues that stream; when less than half a window is prefetched
+// The readahead filter (see readahead.hpp). A stream remembers where its run started,
+// where its next read should start, its window, and how far it has prefetched ("ahead"). A
+// read that starts where a stream expects it continues that stream (a stream started by a
+// read that overtook it is merged back in); when less than half a window is prefetched
 // beyond the chunk the read ends in, the stream asks below for the next window,
 // [ahead, ahead + window), and doubles the window up to max_window. So the lookahead stays
-// between half a window and a window and a half, nothing is asked twice, and a run of small
-// reads sends a few large prefetches (one per window: 8 MiB is two 4 MiB GETs from Azure),
-// not one per read. A read that continues no stream starts a candidate at min_window in
-// place of the least recently used one: random reads never prefetch, and a reader that
-// seeks starts over small. Cf. the kernel's mm/readahead.c (the asynchronous readahead of
-// the next window when the reader reaches a mark in the current one).
+// between half a window and a window and a half while the window grows, and between one
+// and two max_windows once it has grown (two fetches in flight), nothing is asked twice,
+// and a run of small
+// reads sends a few large prefetches (one per window), not one per read. A read that
+// continues no stream starts a candidate at min_window in place of the least recently used
+// one: random reads never prefetch, and a reader that seeks starts over small. Cf. the
+// kernel's mm/readahead.c (the asynchronous readahead of the next window when the reader
+// reaches a mark in the current one).
 // The stream table is a small vector under a mutex held only while a read is classified,
 // never across an await.
 #include "backends/readahead.hpp"
@@ -88,6 +91,7 @@ class Readahead final : public BlockDevice {
 
  private:
   struct Stream {
+    uint64_t start = 0;   // where the run's first read started
     uint64_t next = 0;    // where the run's next read should start
     uint64_t window = 0;  // the next prefetch reaches this far past the end of a read
     uint64_t ahead = 0;   // the end of what this stream has prefetched
@@ -96,6 +100,27 @@ class Readahead final : public BlockDevice {
 
   uint64_t round_up(uint64_t n, uint64_t size) const {
     return std::min(size, (n + align_ - 1) / align_ * align_);
+  }
+
+  // Reads of one run reach us out of order when several are in flight (a queue depth of 8
+  // lets a read overtake the one before it while that one waits below). An overtaking read
+  // started a stream of its own, where this run now arrives: that stream is merged into
+  // this one (window and prefetched range kept from the longer run), so the run is not
+  // lost and its window not reset. Returns the merged stream. Under mutex_.
+  std::vector<Stream>::iterator absorb_overtakers(std::vector<Stream>::iterator s) {
+    for (;;) {
+      auto t = std::find_if(streams_.begin(), streams_.end(), [&](const Stream& x) {
+        return &x != &*s && x.start == s->next && x.next > s->next;
+      });
+      if (t == streams_.end()) return s;
+      s->next = t->next;
+      s->ahead = std::max(s->ahead, t->ahead);
+      s->window = std::max(s->window, t->window);
+      s->used = clock_;
+      const auto index = (s - streams_.begin()) - (t < s ? 1 : 0);
+      streams_.erase(t);
+      s = streams_.begin() + index;
+    }
   }
 
   // The range to prefetch for a read of [offset, offset + length), empty if none.
@@ -108,24 +133,31 @@ class Readahead final : public BlockDevice {
                            [&](const Stream& s) { return s.next == offset; });
     if (it == streams_.end()) {
       streams_started_.fetch_add(1, relaxed);
-      Stream candidate{end, options_.min_window, 0, clock_};
+      Stream candidate{offset, end, options_.min_window, 0, clock_};
       if (streams_.size() < options_.streams) {
         streams_.push_back(candidate);
+        it = streams_.end() - 1;
       } else {
-        *std::min_element(streams_.begin(), streams_.end(), [](const Stream& a, const Stream& b) {
-          return a.used < b.used;
-        }) = candidate;
+        it = std::min_element(streams_.begin(), streams_.end(),
+                              [](const Stream& a, const Stream& b) { return a.used < b.used; });
+        *it = candidate;
       }
+      absorb_overtakers(it);
       return {0, 0};
     }
+    it->next = end;
+    it->used = clock_;
+    it = absorb_overtakers(it);
     Stream& s = *it;
-    s.next = end;
-    s.used = clock_;
-    const uint64_t read_edge = round_up(end, size);
+    const uint64_t read_edge = round_up(s.next, size);
     s.ahead = std::max(s.ahead, read_edge);  // what lies behind the read is of no use
     const uint64_t margin = s.ahead - read_edge;
-    // Enough is prefetched ahead (at least half a window), or the disk ends there.
-    if ((margin > 0 && margin >= s.window / 2) || s.ahead >= size) return {0, 0};
+    // Enough is prefetched ahead, or the disk ends there. Enough: half a window while the
+    // window grows; a whole one at max_window, so that the next window's fetch overlaps
+    // the one in flight (a remote that serves one request at a time no faster than the
+    // reader reads would otherwise make the reader wait for every window).
+    const uint64_t low_water = s.window < options_.max_window ? s.window / 2 : s.window;
+    if ((margin > 0 && margin >= low_water) || s.ahead >= size) return {0, 0};
     const uint64_t from = s.ahead;
     const uint64_t to = round_up(from + s.window, size);
     s.ahead = to;

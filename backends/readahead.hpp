@@ -15,7 +15,7 @@ namespace imagenbd::backends {
 
 struct ReadaheadOptions {
   uint64_t min_window = 64u << 10;  // the first prefetch of a new run
-  uint64_t max_window = 8u << 20;   // doubling stops here
+  uint64_t max_window = 16u << 20;  // doubling stops here
   unsigned streams = 16;            // sequential runs tracked at once (least recent dropped)
   // Prefetched ranges start and end on multiples of this (the cache's chunk, so a prefetch
   // never claims the chunk the triggering read is fetching). 0: the largest power of two

@@ -189,7 +189,7 @@ Remote images: local cache and copy-on-write overlay (any IMAGE; made for remote
       --cache-chunk=SIZE     the cache's unit of fetching (a power of two, at least 4K;
                              default: the remote's preferred request size, or 1M)
       --readahead=on|off     with --cache, prefetch ahead of sequential reads, the window
-                             growing from 64 KiB to 8 MiB per stream (default: on)
+                             growing from 64 KiB to 16 MiB per stream (default: on)
       --boot-profile=FILE    with --cache, record the order in which the image's chunks
                              are first read after start into FILE; when FILE already
                              holds the profile of this image and version, prefetch in

@@ -343,6 +343,25 @@ TEST_CASE("cache: prefetch fetches in the background and later reads hit") {
   CHECK(read(*c, 10 * chunk, chunk) == read(*blob, 10 * chunk, chunk));
 }
 
+// Readahead sends a window per hint; a hint dropped while the workers are busy would leave
+// its window to be fetched chunk by chunk on demand. Hints beyond the width wait instead.
+TEST_CASE("cache: prefetch hints beyond the width wait for a worker, none is dropped") {
+  TempDir dir("cache");
+  auto blob = make_blob(32 * chunk);
+  auto remote = remote_over(blob);
+  remote->set_delay(std::chrono::milliseconds(1));
+  auto o = options_for(dir);
+  o.prefetch_width = 2;
+  auto c = open_cache(remote, o);
+  run([](DevicePtr c) -> asio::awaitable<void> {
+    for (uint64_t i = 0; i < 10; ++i) co_await c->prefetch(3 * i * chunk, 2 * chunk);
+  }(c));  // returns once every background fetch is done
+  CHECK(remote->reads() == 10);
+  for (uint64_t i = 0; i < 10; ++i)
+    CHECK(read(*c, 3 * i * chunk, 2 * chunk) == read(*blob, 3 * i * chunk, 2 * chunk));
+  CHECK(remote->reads() == 10);
+}
+
 TEST_CASE("cache: the default chunk size follows the remote's preferred block size") {
   TempDir dir("cache");
   auto blob = make_blob(64 * chunk);
