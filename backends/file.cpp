@@ -199,6 +199,14 @@ class File final : public BlockDevice {
          flags.no_hole ? "ZERO_RANGE" : "PUNCH_HOLE and ZERO_RANGE");
   }
 
+  // Whether the page cache holds the byte at `offset` (a one-byte RWF_NOWAIT read).
+  bool page_cached(uint64_t offset) {
+    if (!nowait_reads_.load(relaxed)) return false;
+    std::byte b{};
+    std::span<std::byte> one(&b, 1);
+    return read_nowait(offset, one) == 1;
+  }
+
   // Reads what the page cache holds without blocking; returns the bytes read, maybe 0.
   std::size_t read_nowait(uint64_t offset, std::span<std::byte> out) {
     if (!nowait_reads_.load(relaxed)) return 0;
@@ -251,12 +259,18 @@ class File final : public BlockDevice {
   // the pool, and the two thread hops cost more than the write (measured: 4 KiB random
   // writes at QD32 went from ~30k to ~75k IOPS inline). A buffered write blocks only to
   // read a partial page that is not cached, or when writeback throttles dirty pages. So a
-  // page-aligned write runs inline on the caller's thread, unless an inline write was
-  // slow recently (throttling): then the pool takes writes for a while, and this thread
-  // stays free for the other connections it serves.
+  // write of whole pages, or of cached partial ones, runs inline on the caller's thread,
+  // unless an inline write was slow recently (throttling): then the pool takes writes for
+  // a while, and this thread stays free for the other connections it serves.
   bool write_inline(uint64_t offset, std::span<const std::byte> in) {
     constexpr uint64_t page = 4096;
-    if (offset % page != 0 || in.size() % page != 0) return false;
+    const uint64_t end = offset + in.size();
+    // A write that covers its pages only in part must read the rest of them first: inline
+    // only when the page cache holds both edge pages (images whose blocks start off a page
+    // boundary, like qemu's dynamic VHD at 512 and VDI at 1536 bytes into a page, write
+    // every guest page this way).
+    if ((offset % page != 0 && !page_cached(offset)) || (end % page != 0 && !page_cached(end - 1)))
+      return false;
     using clock = std::chrono::steady_clock;
     const clock::time_point start = clock::now();
     if (start.time_since_epoch().count() < inline_writes_paused_until_.load(relaxed)) {

@@ -173,6 +173,34 @@ TEST_CASE("file: a cached read completes while every pool thread is busy (no thr
   CHECK(out == data);
 }
 
+// qemu's dynamic VHD and VDI put block data 512 and 1536 bytes into a page: every guest
+// write covers two pages in part. With both pages cached it must not wait for the pool.
+TEST_CASE("file: a write covering cached pages in part completes while the pool is busy") {
+  TempFile f(256 * KiB);
+  f.put(0, pattern(256 * KiB, 3));  // every page in the page cache
+  auto d = open_file(f.path, {});
+  const auto data = pattern(4096, 6);
+
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  for (int i = 0; i < 256; ++i) asio::post(blocking_pool(), [released] { released.wait(); });
+
+  asio::io_context context;
+  bool done = false;
+  asio::co_spawn(context, d->write(8192 + 512, data, {}), [&](std::exception_ptr e) {
+    CHECK(!e);
+    done = true;
+  });
+  context.run_for(std::chrono::seconds(5));
+  CHECK(done);
+  release.set_value();
+  context.restart();
+  context.run();
+  std::vector<std::byte> out(data.size());
+  run(d->read(8192 + 512, out));
+  CHECK(out == data);
+}
+
 TEST_CASE("file: reading past the end of a file that shrank is EIO naming offset and bytes") {
   TempFile f(8192);
   f.put(0, pattern(8192));
