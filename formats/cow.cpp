@@ -237,9 +237,11 @@ class Cow final : public CowDevice {
   uint32_t block_size() const override { return layout_.block_size; }
   uint32_t block_bytes(uint64_t index) const override { return layout_.block_bytes(index); }
 
-  // Only what the lower disk would serve is worth fetching early.
+  // Only what the lower disk would serve is worth fetching early. A hint past the end is
+  // cut there (a piece past the end would have no length, and the walk would not end).
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
-    if (!lower_->caps().cache) co_return;
+    if (!lower_->caps().cache || offset >= size()) co_return;
+    length = std::min(length, size() - offset);
     uint64_t run_start = 0, run_length = 0;
     for (uint64_t done = 0; done < length;) {
       const Piece p = piece(offset + done, length - done);
