@@ -102,6 +102,27 @@ bool tmpfs_without_zero_range() {
   return refused;
 }
 
+// Starts `op` on a fresh io_context while every blocking-pool thread waits; whether it
+// completed within 5 s, that is without a trip to the pool. The pool is let go and `op`
+// run to its end before returning either way (its buffers belong to the caller).
+bool completes_while_pool_busy(asio::awaitable<void> op) {
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  for (int i = 0; i < 256; ++i) asio::post(blocking_pool(), [released] { released.wait(); });
+  asio::io_context context;
+  bool done = false;
+  asio::co_spawn(context, std::move(op), [&](std::exception_ptr e) {
+    CHECK(!e);
+    done = true;
+  });
+  context.run_for(std::chrono::seconds(5));
+  const bool inline_done = done;
+  release.set_value();
+  context.restart();
+  context.run();
+  return inline_done;
+}
+
 }  // namespace
 
 TEST_CASE("file: caps, size and names") {
@@ -152,24 +173,8 @@ TEST_CASE("file: a cached read completes while every pool thread is busy (no thr
   const auto data = pattern(4096, 5);
   f.put(8192, data);  // now in the page cache
   auto d = open_file(f.path, {.read_only = true});
-
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  for (int i = 0; i < 256; ++i) asio::post(blocking_pool(), [released] { released.wait(); });
-
-  asio::io_context context;
   std::vector<std::byte> out(data.size());
-  bool done = false;
-  asio::co_spawn(context, d->read(8192, out), [&](std::exception_ptr e) {
-    CHECK(!e);
-    done = true;
-  });
-  context.run_for(std::chrono::seconds(5));
-  CHECK(done);
-  release.set_value();
-  // If the read did go to the pool, let it finish before `out` goes away.
-  context.restart();
-  context.run();
+  CHECK(completes_while_pool_busy(d->read(8192, out)));
   CHECK(out == data);
 }
 
@@ -180,22 +185,7 @@ TEST_CASE("file: a write covering cached pages in part completes while the pool 
   f.put(0, pattern(256 * KiB, 3));  // every page in the page cache
   auto d = open_file(f.path, {});
   const auto data = pattern(4096, 6);
-
-  std::promise<void> release;
-  std::shared_future<void> released = release.get_future().share();
-  for (int i = 0; i < 256; ++i) asio::post(blocking_pool(), [released] { released.wait(); });
-
-  asio::io_context context;
-  bool done = false;
-  asio::co_spawn(context, d->write(8192 + 512, data, {}), [&](std::exception_ptr e) {
-    CHECK(!e);
-    done = true;
-  });
-  context.run_for(std::chrono::seconds(5));
-  CHECK(done);
-  release.set_value();
-  context.restart();
-  context.run();
+  CHECK(completes_while_pool_busy(d->write(8192 + 512, data, {})));
   std::vector<std::byte> out(data.size());
   run(d->read(8192 + 512, out));
   CHECK(out == data);
