@@ -77,7 +77,7 @@ namespace {
 constexpr auto relaxed = std::memory_order_relaxed;
 constexpr std::size_t shard_count = 64;
 constexpr std::size_t max_queued_prefetches = 64;  // hints waiting for a worker
-constexpr uint64_t extents_window = 64u << 20;     // remote extents asked and remembered per
+constexpr uint64_t extents_window = 64u << 20;     // a read-only remote's extents, asked per window
 
 std::string errno_text(int e) {
   return std::generic_category().message(e);
@@ -548,7 +548,7 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
 
   // Copies the part of chunk c inside [offset, offset + out.size()) from the page cache
   // without blocking (RWF_NOWAIT, like the file leaf), under the shard's shared lock if it
-  // is free at once. `blocked`: the lock was taken, the page cache did not hold the part
+  // is free at once. `blocked`: the lock was busy, the page cache did not hold the part
   // whole or the kernel cannot read without blocking; read_local() on the pool then.
   Local read_local_nowait(uint64_t c, uint64_t offset, std::span<std::byte> out) {
     if (!nowait_reads_.load(relaxed)) return Local::blocked;

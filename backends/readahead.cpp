@@ -6,12 +6,11 @@
 // [ahead, ahead + window), and doubles the window up to max_window. So the lookahead stays
 // between half a window and a window and a half while the window grows, and between one
 // and two max_windows once it has grown (two fetches in flight), nothing is asked twice,
-// and a run of small
-// reads sends a few large prefetches (one per window), not one per read. A read that
-// continues no stream starts a candidate at min_window in place of the least recently used
-// one: random reads never prefetch, and a reader that seeks starts over small. Cf. the
-// kernel's mm/readahead.c (the asynchronous readahead of the next window when the reader
-// reaches a mark in the current one).
+// and a run of small reads sends a few large prefetches (one per window), not one per
+// read. A read that continues no stream starts a candidate at min_window in place of the
+// least recently used one: random reads never prefetch, and a reader that seeks starts
+// over small. Cf. the kernel's mm/readahead.c (the asynchronous readahead of the next
+// window when the reader reaches a mark in the current one).
 // The stream table is a small vector under a mutex held only while a read is classified,
 // never across an await.
 #include "backends/readahead.hpp"
