@@ -91,6 +91,11 @@ class BlockDevice {
   // Allocation of the range starting at offset: contiguous extents, at least one, covering
   // at most length bytes (fewer is allowed; callers ask again for the rest).
   virtual asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) = 0;
+  // Whether extents() may report anything but data now; false lets a caller skip asking
+  // (a fully allocated file: the session asks before every structured read). A hint read
+  // without a lock: a range that became a hole a moment ago may still be called data,
+  // which is always a true enough answer (data may read as zeroes).
+  virtual bool may_have_holes() const { return caps().extents; }
   // Hint that the range will be read soon (NBD_CMD_CACHE, readahead).
   virtual asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) = 0;
 
@@ -129,7 +134,9 @@ inline asio::awaitable<void> BlockDevice::grow(uint64_t new_size, std::span<cons
   co_await write(new_size - tail.size(), tail, {});
 }
 
-inline asio::awaitable<void> BlockDevice::close() { co_return; }
+inline asio::awaitable<void> BlockDevice::close() {
+  co_return;
+}
 
 using DevicePtr = std::shared_ptr<BlockDevice>;
 

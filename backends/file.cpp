@@ -130,9 +130,11 @@ class File final : public BlockDevice {
     });
   }
 
+  bool may_have_holes() const override { return !block_device_ && may_have_holes_.load(relaxed); }
+
   asio::awaitable<std::vector<Extent>> extents(uint64_t offset, uint64_t length) override {
     assert(offset + length <= size());
-    if (block_device_ || !may_have_holes_.load(relaxed)) {
+    if (!may_have_holes()) {
       std::vector<Extent> all{Extent{length, ExtentKind::data}};
       co_return all;
     }

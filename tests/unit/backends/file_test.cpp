@@ -258,10 +258,12 @@ TEST_CASE("file: trim punches a hole into a fully allocated file") {
   TempFile f(1024 * KiB);
   f.put(0, pattern(1024 * KiB));
   auto d = open_file(f.path, {});
-  // Fully allocated: one data extent, no matter what.
+  // Fully allocated: one data extent, no matter what, and callers need not ask.
   CHECK(run(d->extents(0, d->size())) == std::vector<Extent>{{d->size(), ExtentKind::data}});
+  CHECK_FALSE(d->may_have_holes());
   const uint64_t before = f.allocated();
   run(d->trim(256 * KiB, 256 * KiB, {}));
+  CHECK(d->may_have_holes());
   CHECK(f.allocated() == before - 256 * KiB);
   CHECK(all_zero(read(*d, 256 * KiB, 256 * KiB)));  // holes read as zero
   CHECK(run(d->extents(0, d->size())) == std::vector<Extent>{{256 * KiB, ExtentKind::data},

@@ -4,22 +4,26 @@
 #include <doctest/doctest.h>
 
 #include <cstring>
+#include <fstream>
 #include <string>
 #include <vector>
 
 #include "backends/error.hpp"
+#include "backends/file.hpp"
 #include "backends/memory.hpp"
-#include "tests/unit/support/faulty_device.hpp"
 #include "tests/unit/support/device_helpers.hpp"
+#include "tests/unit/support/faulty_device.hpp"
 #include "tests/unit/support/run.hpp"
+#include "tests/unit/support/temp_dir.hpp"
 
 using namespace imagenbd::backends;
 using namespace imagenbd::formats;
-using imagenbd::test::FaultyDevice;
-using imagenbd::test::run;
 using imagenbd::test::bytes;
-using imagenbd::test::read;
 using imagenbd::test::error_of;
+using imagenbd::test::FaultyDevice;
+using imagenbd::test::read;
+using imagenbd::test::run;
+using imagenbd::test::TempDir;
 using namespace std::literals;
 
 namespace {
@@ -51,6 +55,23 @@ TEST_CASE("raw: forwards everything to its child") {
   run(raw->flush());
   run(raw->prefetch(0, MiB));
   CHECK(run(raw->extents(0, 4 * MiB)) == std::vector<Extent>{{4 * MiB, ExtentKind::hole}});
+}
+
+// The session skips the extents walk before a structured read when the stack says no
+// holes are possible: raw must pass its child's answer up, not the default (caps).
+TEST_CASE("raw: may_have_holes is its child's") {
+  TempDir dir("raw");
+  const std::string path = dir.file("full.img");
+  {
+    std::ofstream f(path, std::ios::binary);
+    const std::string block(MiB, 'x');
+    f.write(block.data(), static_cast<std::streamsize>(block.size()));
+  }
+  auto raw = open_raw(open_file(path, {}), {});
+  CHECK(raw->caps().extents);
+  CHECK_FALSE(raw->may_have_holes());  // fully allocated
+  run(raw->trim(0, 64 << 10, {}));
+  CHECK(raw->may_have_holes());
 }
 
 TEST_CASE("raw: child errors come through unchanged") {
