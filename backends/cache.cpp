@@ -34,7 +34,6 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -67,6 +66,7 @@
 #include "backends/cache_map.hpp"
 #include "backends/error.hpp"
 #include "backends/log.hpp"
+#include "backends/nowait_read.hpp"
 #include "backends/offload.hpp"
 #include "backends/remote_metrics.hpp"
 
@@ -249,19 +249,16 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
     if (out.empty()) co_return;
     const uint64_t first = offset / chunk_;
     const uint64_t last = (offset + out.size() - 1) / chunk_;
-    // Warm reads of one chunk (most of them) never leave this thread.
-    if (first == last && read_local_nowait(first, offset, out) == Local::read) {
-      cache_counters().hits.fetch_add(1, relaxed);
-      co_return;
-    }
+    // Chunks the page cache holds are read on this thread; a warm read allocates nothing.
     std::vector<uint64_t> todo;
-    for (uint64_t c = first; c <= last; ++c) todo.push_back(c);
-    if (first != last) {
-      const auto before = todo.size();
-      std::erase_if(todo,
-                    [&](uint64_t c) { return read_local_nowait(c, offset, out) == Local::read; });
-      cache_counters().hits.fetch_add(before - todo.size(), relaxed);
+    uint64_t inline_hits = 0;
+    for (uint64_t c = first; c <= last; ++c) {
+      if (read_local_nowait(c, offset, out) == Local::read)
+        ++inline_hits;
+      else
+        todo.push_back(c);
     }
+    cache_counters().hits.fetch_add(inline_hits, relaxed);
     bool first_pass = true;
     while (!todo.empty()) {
       // Hits: chunks whose bit is set, read from the local file on the pool (the page
@@ -551,23 +548,15 @@ class Cache final : public BlockDevice, public std::enable_shared_from_this<Cach
   // is free at once. `blocked`: the lock was busy, the page cache did not hold the part
   // whole or the kernel cannot read without blocking; read_local() on the pool then.
   Local read_local_nowait(uint64_t c, uint64_t offset, std::span<std::byte> out) {
-    if (!nowait_reads_.load(relaxed)) return Local::blocked;
     const uint64_t from = std::max(offset, chunk_start(c));
     const uint64_t to = std::min(offset + out.size(), chunk_end(c));
     std::shared_lock lock(shard(c).mutex, std::try_to_lock);
     if (!lock.owns_lock()) return Local::blocked;
     if (!map_.present(c)) return Local::absent;
-    iovec iov{out.data() + (from - offset), to - from};
-    for (;;) {
-      const ssize_t n = ::preadv2(fd_, &iov, 1, static_cast<off_t>(from), RWF_NOWAIT);
-      if (n == static_cast<ssize_t>(to - from)) {
-        map_.touch(c);
-        return Local::read;
-      }
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && (errno == EOPNOTSUPP || errno == ENOSYS)) nowait_reads_.store(false, relaxed);
-      return Local::blocked;  // EAGAIN, a short read, or an error the blocking read reports
-    }
+    if (read_nowait(fd_, from, out.subspan(from - offset, to - from), nowait_reads_) != to - from)
+      return Local::blocked;  // the blocking read redoes a short one whole
+    map_.touch(c);
+    return Local::read;
   }
 
   void pread_all(std::byte* p, uint64_t n, uint64_t at) {

@@ -24,6 +24,7 @@
 
 #include "backends/error.hpp"
 #include "backends/log.hpp"
+#include "backends/nowait_read.hpp"
 #include "backends/offload.hpp"
 
 namespace imagenbd::backends {
@@ -77,7 +78,7 @@ class File final : public BlockDevice {
 
   asio::awaitable<void> read(uint64_t offset, std::span<std::byte> out) override {
     assert(offset + out.size() <= size());
-    const std::size_t done = read_nowait(offset, out);
+    const std::size_t done = read_nowait(fd_, offset, out, nowait_reads_);
     if (done < out.size()) {
       co_await offload([this, offset, out, done] { read_rest(offset, out, done); });
     }
@@ -203,23 +204,8 @@ class File final : public BlockDevice {
 
   // Whether the page cache holds the byte at `offset` (a one-byte RWF_NOWAIT read).
   bool page_cached(uint64_t offset) {
-    if (!nowait_reads_.load(relaxed)) return false;
     std::byte b{};
-    std::span<std::byte> one(&b, 1);
-    return read_nowait(offset, one) == 1;
-  }
-
-  // Reads what the page cache holds without blocking; returns the bytes read, maybe 0.
-  std::size_t read_nowait(uint64_t offset, std::span<std::byte> out) {
-    if (!nowait_reads_.load(relaxed)) return 0;
-    iovec iov{out.data(), out.size()};
-    for (;;) {
-      const ssize_t n = ::preadv2(fd_, &iov, 1, static_cast<off_t>(offset), RWF_NOWAIT);
-      if (n >= 0) return static_cast<std::size_t>(n);
-      if (errno == EINTR) continue;
-      if (unsupported(errno)) nowait_reads_.store(false, relaxed);
-      return 0;  // EAGAIN, or a real error that the blocking read reports
-    }
+    return read_nowait(fd_, offset, {&b, 1}, nowait_reads_) == 1;
   }
 
   // Reads out[done..] with blocking preads. Running into EOF is an error: the size was
