@@ -76,6 +76,11 @@ class Vdi final : public backends::BlockDevice {
       map_[i].store(entries[i], std::memory_order_relaxed);
       if (is_allocated(entries[i])) used[entries[i]] = true;
     }
+    // Blocks the disk covers (map entries past its end read nothing).
+    const uint64_t covered = (layout.disk_size + layout.block_size - 1) / layout.block_size;
+    for (uint32_t i = 0; i < std::min<uint64_t>(layout.blocks, covered); ++i) {
+      if (!is_allocated(entries[i])) unallocated_.fetch_add(1, std::memory_order_relaxed);
+    }
     for (uint32_t p = next_physical; p-- > 0;) {
       if (!used[p]) leaked_.push_back(p);
     }
@@ -217,6 +222,8 @@ class Vdi final : public backends::BlockDevice {
     }
     co_return out;
   }
+  // Every block allocated: extents() would say data from end to end.
+  bool may_have_holes() const override { return unallocated_.load(std::memory_order_acquire) != 0; }
 
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     for (uint64_t done = 0; done < length;) {
@@ -440,6 +447,9 @@ class Vdi final : public backends::BlockDevice {
     co_await child_->flush();
     co_await write_count_and_entry(index, physical);
     map_[index].store(physical, std::memory_order_release);
+    if (uint64_t{index} * layout_.block_size < layout_.disk_size) {
+      unallocated_.fetch_sub(1, std::memory_order_release);
+    }
     log::data("vdi: {}: block {} allocated at physical block {}", describe(), index, physical);
   }
 
@@ -553,6 +563,7 @@ class Vdi final : public backends::BlockDevice {
   const uint64_t parent_size_;
   Caps caps_;
   std::unique_ptr<std::atomic<uint32_t>[]> map_;
+  std::atomic<uint64_t> unallocated_{0};  // free or zero entries of the blocks the disk covers
   std::atomic<bool> modified_{false};
   backends::AsyncMutex mutex_;  // guards what follows, and every metadata write
   vdi::Header header_;

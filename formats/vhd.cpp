@@ -73,6 +73,7 @@ class FixedVhd final : public backends::BlockDevice {
     assert(offset + length <= size_);
     co_return co_await child_->extents(offset, length);
   }
+  bool may_have_holes() const override { return child_->may_have_holes(); }
 
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     co_await child_->prefetch(offset, length);

@@ -76,11 +76,13 @@ class DynamicVhd final : public backends::BlockDevice {
         size_(p.size),
         block_size_(layout_.block_size),
         bat_(std::make_unique<std::atomic<uint32_t>[]>(layout_.bat_entries)),
-        bitmaps_(static_cast<uint32_t>((size_ + block_size_ - 1) / block_size_),
-                 layout_.sectors_per_block()),
+        bitmaps_(blocks(), layout_.sectors_per_block()),
         file_size_(child_->size()) {
     assert(p.bat.size() == layout_.bat_entries && size_ <= layout_.current_size);
     for (uint32_t i = 0; i < layout_.bat_entries; ++i) bat_[i].store(p.bat[i]);
+    for (uint32_t i = 0; i < blocks(); ++i) {
+      if (p.bat[i] == bat_unused) unallocated_.fetch_add(1, std::memory_order_relaxed);
+    }
     const Caps c = child_->caps();
     caps_.writable = p.writable;
     caps_.flush = c.flush;
@@ -165,6 +167,8 @@ class DynamicVhd final : public backends::BlockDevice {
     }
     co_return out;
   }
+  // Every block allocated: extents() would say data from end to end.
+  bool may_have_holes() const override { return unallocated_.load(std::memory_order_acquire) != 0; }
 
   asio::awaitable<void> prefetch(uint64_t offset, uint64_t length) override {
     for (uint64_t done = 0; done < length;) {
@@ -180,6 +184,9 @@ class DynamicVhd final : public backends::BlockDevice {
   }
 
  private:
+  // Blocks the virtual disk covers (the BAT may have more entries).
+  uint32_t blocks() const { return static_cast<uint32_t>((size_ + block_size_ - 1) / block_size_); }
+
   Piece piece(uint64_t offset, uint64_t remaining) const {
     const auto in_block = static_cast<uint32_t>(offset % block_size_);
     return Piece{static_cast<uint32_t>(offset / block_size_), in_block,
@@ -389,6 +396,7 @@ class DynamicVhd final : public backends::BlockDevice {
       bitmaps_.set_full(p.block);
     }
     bat_[p.block].store(static_cast<uint32_t>(entry), std::memory_order_release);
+    unallocated_.fetch_sub(1, std::memory_order_release);
     log::data("vhd: {}: block {} allocated at 0x{:x}", describe(), p.block, start);
   }
 
@@ -474,6 +482,8 @@ class DynamicVhd final : public backends::BlockDevice {
     const uint32_t entry = bat_[block].load(std::memory_order_acquire);
     if (entry == bat_unused) co_return;
     co_await write_bat_sector(block, bat_unused, flags.fua);
+    // Counted before the entry changes: a reader that sees the free entry sees the count.
+    unallocated_.fetch_add(1, std::memory_order_release);
     bat_[block].store(bat_unused, std::memory_order_release);
     guard.unlock();
     log::data("vhd: {}: block {} freed (was at 0x{:x})", describe(), block,
@@ -499,6 +509,7 @@ class DynamicVhd final : public backends::BlockDevice {
   // the block they point at is complete.
   std::unique_ptr<std::atomic<uint32_t>[]> bat_;
   SectorBitmaps bitmaps_;
+  std::atomic<uint64_t> unallocated_{0};  // BAT entries of blocks() that are unused
   backends::AsyncMutex mutex_;
   uint64_t file_size_;  // the child's size; under mutex_
 };

@@ -332,6 +332,24 @@ TEST_CASE("vdi: zero and trim read back as zeroes and never give blocks back") {
   CHECK(read(*again, 3 * MiB - 10, 10) == read(*d, 3 * MiB - 10, 10));
 }
 
+// The session skips the extents walk before a structured read when may_have_holes() says
+// no: once every block is allocated. Zeroing allocated data keeps the blocks (data).
+TEST_CASE("vdi: may_have_holes is false once every block is allocated") {
+  auto file = make_file(3 * MiB);
+  auto d = open(file);
+  CHECK(d->may_have_holes());
+  run(d->write(0, odd_pattern(2 * MiB, 1), {}));
+  CHECK(d->may_have_holes());
+  run(d->zero(2 * MiB, MiB, {}));  // a free block marked zero: still a hole
+  CHECK(d->may_have_holes());
+  run(d->write(3 * MiB - 1, odd_pattern(1, 2), {}));
+  CHECK_FALSE(d->may_have_holes());
+  run(d->zero(0, 3 * MiB, {}));
+  CHECK_FALSE(d->may_have_holes());
+  CHECK(run(d->extents(0, 3 * MiB)) == std::vector<Extent>{{3 * MiB, ExtentKind::data}});
+  CHECK_FALSE(open(file)->may_have_holes());
+}
+
 TEST_CASE("vdi: extents merge runs of a kind and stop at 1024 per call") {
   // 2048 blocks of 512 bytes, every other one allocated: 2048 alternating runs.
   auto file = make_file(MiB, vdi::ImageType::dynamic, 512);

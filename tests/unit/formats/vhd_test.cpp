@@ -649,6 +649,35 @@ TEST_CASE("vhd dynamic: zero and trim") {
   }
 }
 
+// The session skips the extents walk before a structured read when may_have_holes() says
+// no: it must turn false once every block of the disk is allocated, and true again when
+// one is freed. BAT entries past the end of the disk do not count.
+TEST_CASE("vhd dynamic: may_have_holes follows the blocks the disk covers") {
+  DynamicFile file(3 * MiB);
+  file.header.max_table_entries = 4;  // two entries past the end of the disk
+  file.bat.assign(4, vhd::bat_unused);
+  auto memory = file.device();
+  auto disk = open(memory);
+  CHECK(disk->may_have_holes());
+  run(disk->write(0, pattern(512, 1), {}));
+  CHECK(disk->may_have_holes());  // block 1 still unallocated
+  run(disk->write(3 * MiB - 512, pattern(512, 2), {}));
+  CHECK_FALSE(disk->may_have_holes());
+  CHECK(run(disk->extents(0, 3 * MiB)) == std::vector<Extent>{{3 * MiB, ExtentKind::data}});
+  run(disk->zero(0, 2 * MiB, {}));  // frees block 0
+  CHECK(disk->may_have_holes());
+  run(disk->write(MiB, pattern(512, 3), {}));
+  CHECK_FALSE(disk->may_have_holes());
+
+  SUBCASE("reopened fully allocated") {
+    CHECK_FALSE(open(memory)->may_have_holes());
+  }
+  SUBCASE("a fixed VHD passes its file's answer up") {
+    auto fixed = memory_with(fixed_file(pattern(MiB, 4)));
+    CHECK(open(fixed)->may_have_holes() == fixed->may_have_holes());
+  }
+}
+
 TEST_CASE("vhd dynamic: a failed allocation leaves an image that opens") {
   // open_vhd reads 4 times (end footer, copy at 0, header, BAT); the allocation then
   // resizes, writes the footer, the bitmap with the data, flushes, writes the BAT.
