@@ -24,6 +24,7 @@
 #include "backends/log.hpp"
 #include "server/config.hpp"
 #include "server/server.hpp"
+#include "server/tls.hpp"
 #include "server/tool_common.hpp"
 
 namespace imagenbd::server {
@@ -135,6 +136,16 @@ std::string reload_config(Server& server, const ServeCommand& cmd) {
   fresh.config_file = cmd.config_file;
   apply_config_file(fresh);  // throws ConfigError: nothing changed yet
   log_restart_needed(cmd, fresh);
+  // Same TLS settings: the files are read again (certificates, keys or PSK file replaced in
+  // place). A file that no longer loads fails the reload, and the running ones stay.
+  std::shared_ptr<boost::asio::ssl::context> tls;
+  if (cmd.server.tls.mode != protocol::TlsMode::off && fresh.server.tls == cmd.server.tls) {
+    try {
+      tls = make_tls_context(fresh.server.tls);
+    } catch (const std::exception& e) {
+      throw ConfigError(fmt::format("[tls]: {}; the running credentials stay", e.what()));
+    }
+  }
 
   // Give back what retired exports hold (leases) before opening, so that an export removed
   // by the previous reload can come back in this one.
@@ -211,6 +222,10 @@ std::string reload_config(Server& server, const ServeCommand& cmd) {
   }
   server.set_exports(registry);
   current.reset();
+  if (tls) {
+    server.set_tls_context(std::move(tls));
+    log::info("TLS: credentials read again; new connections use them");
+  }
 
   // The log level applies at once (the other [server] settings wait for a restart).
   // Always set, not only when it differs from the start: `cmd` is the configuration the

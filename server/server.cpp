@@ -80,6 +80,11 @@ void Server::set_exports(std::shared_ptr<const ExportRegistry> exports) {
   exports_ = std::move(exports);
 }
 
+void Server::set_tls_context(std::shared_ptr<asio::ssl::context> context) {
+  std::lock_guard lock(exports_mutex_);
+  options_.session.tls_context = std::move(context);
+}
+
 void Server::set_reload_handler(std::function<std::string()> handler) {
   reload_handler_ = std::move(handler);
 }
@@ -282,8 +287,15 @@ asio::awaitable<void> Server::accept_loop(Listener& listener) {
 void Server::start_session(Socket socket, std::string peer,
                            std::optional<asio::ip::address> address) {
   auto ex = socket.get_executor();
-  auto session = std::make_shared<Session>(std::move(socket), std::move(peer), address, exports(),
-                                           options_.session);
+  std::shared_ptr<const ExportRegistry> registry;
+  SessionOptions session_options;
+  {
+    std::lock_guard lock(exports_mutex_);
+    registry = exports_;
+    session_options = options_.session;
+  }
+  auto session = std::make_shared<Session>(std::move(socket), std::move(peer), address,
+                                           std::move(registry), std::move(session_options));
   {
     std::lock_guard lock(sessions_mutex_);
     sessions_.emplace(session.get(), session);

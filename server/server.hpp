@@ -51,6 +51,9 @@ class Server {
   // started with; replacing it is how a reload adds and removes exports.
   std::shared_ptr<const ExportRegistry> exports() const;
   void set_exports(std::shared_ptr<const ExportRegistry> exports);
+  // The TLS credentials new connections get (thread-safe): a reload reads the files again,
+  // so certificates and keys rotated in place take effect without a restart.
+  void set_tls_context(std::shared_ptr<asio::ssl::context> context);
   // Run on SIGHUP and by the admin endpoint's POST /reload, on the main thread; returns a
   // summary, throws on failure. Without one, SIGHUP is logged and ignored.
   void set_reload_handler(std::function<std::string()> handler);
@@ -66,7 +69,7 @@ class Server {
   asio::io_context& next_context();
 
   ServerOptions options_;
-  mutable std::mutex exports_mutex_;
+  mutable std::mutex exports_mutex_;  // also guards options_.session.tls_context
   std::shared_ptr<const ExportRegistry> exports_;
   std::function<std::string()> reload_handler_;
   ServerMetrics metrics_;
