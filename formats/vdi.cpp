@@ -76,9 +76,7 @@ class Vdi final : public backends::BlockDevice {
       map_[i].store(entries[i], std::memory_order_relaxed);
       if (is_allocated(entries[i])) used[entries[i]] = true;
     }
-    // Blocks the disk covers (map entries past its end read nothing).
-    const uint64_t covered = (layout.disk_size + layout.block_size - 1) / layout.block_size;
-    for (uint32_t i = 0; i < std::min<uint64_t>(layout.blocks, covered); ++i) {
+    for (uint32_t i = 0; i < std::min(layout.blocks, layout.disk_blocks()); ++i) {
       if (!is_allocated(entries[i])) unallocated_.fetch_add(1, std::memory_order_relaxed);
     }
     for (uint32_t p = next_physical; p-- > 0;) {
@@ -447,9 +445,7 @@ class Vdi final : public backends::BlockDevice {
     co_await child_->flush();
     co_await write_count_and_entry(index, physical);
     map_[index].store(physical, std::memory_order_release);
-    if (uint64_t{index} * layout_.block_size < layout_.disk_size) {
-      unallocated_.fetch_sub(1, std::memory_order_release);
-    }
+    if (index < layout_.disk_blocks()) unallocated_.fetch_sub(1, std::memory_order_release);
     log::data("vdi: {}: block {} allocated at physical block {}", describe(), index, physical);
   }
 

@@ -120,6 +120,10 @@ struct Layout {
   }
   // File offset of block map entry `index`.
   uint64_t entry_offset(uint32_t index) const { return blocks_offset + uint64_t{index} * 4; }
+  // Virtual blocks the disk covers (the map may have entries past them).
+  uint32_t disk_blocks() const {
+    return static_cast<uint32_t>((disk_size + block_size - 1) / block_size);
+  }
   // Bytes of virtual block `index` that lie inside the disk: block_size, except maybe for
   // the last block.
   uint32_t block_bytes(uint32_t index) const {
